@@ -1,0 +1,197 @@
+"""Surface extraction speed and accuracy (issue 2).
+
+* ``speed``: a 1 mm 256^3 head (pycortex S1, 256x256x256 at 1 mm; ``--head`` picks
+  another sample) from a loaded :class:`~mriface.volume.Volume` to a
+  :class:`~mriface.surface.HeadSurface` with its face frame, median of
+  ``--repeats`` runs. The peer, measured in the same run on the same volume,
+  is the plain baseline: one global Otsu threshold, the binary mask as a float
+  volume, ``skimage.measure.marching_cubes`` over the whole volume at 0.5
+  (no clean-up, no normals, no frame). The ratio is baseline / mriface
+  seconds, and both meshes' topology is reported (the baseline's noise specks
+  and inner surfaces show up as extra components).
+* ``accuracy``: the analytic phantom of ``tests/phantoms.py`` at 1 mm and at
+  1x1x3 mm: mean and 99th-percentile distance (mm) from the extracted
+  vertices to the true surface.
+
+``--small`` uses the 2 mm voxface head and a 2 mm phantom (< 1 min on 2 cores).
+With ``--device cuda`` the speed part also runs the CPU path once and reports how
+far the two surfaces lie apart (they should agree to a few hundredths of a mm).
+
+    .venv/bin/python -m benchmarks.bench_surface [--small] [--device cuda] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _machine(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_avg_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+def baseline_surface(data: np.ndarray):
+    """The plain pipeline: global Otsu threshold, marching cubes on the whole binary mask."""
+    from skimage import filters, measure
+
+    t = filters.threshold_otsu(data)
+    mask = (data > t).astype(np.float32)
+    verts, faces, _, _ = measure.marching_cubes(mask, 0.5)
+    return verts, faces
+
+
+def _time(fn, repeats: int):
+    """Run ``fn`` ``repeats`` times: (last result, wall seconds, process CPU seconds).
+
+    CPU seconds of this process stay meaningful when other jobs load the
+    machine (both pipelines are single-threaded on the CPU).
+    """
+    out, times, cpu = None, [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return out, times, cpu
+
+
+def bench_speed(head: str, device: torch.device, repeats: int) -> dict:
+    from mriface import datasets, extract_head_surface, load_volume
+    from mriface.surface import mesh_topology
+
+    t0 = time.perf_counter()
+    vol = load_volume(datasets.fetch(head))
+    load_s = time.perf_counter() - t0
+    extract_head_surface(vol, device=device)  # warm-up (imports, CUDA context)
+    surf, ts, cs = _time(lambda: extract_head_surface(vol, device=device), repeats)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    (bv, bf), tb, cb = _time(lambda: baseline_surface(vol.data), repeats)
+    agreement = None
+    if device.type == "cuda":
+        # the GPU path must give the CPU path's surface: compare once
+        from scipy.spatial import cKDTree
+
+        ref = extract_head_surface(vol, device="cpu")
+        d1, _ = cKDTree(ref.verts).query(surf.verts)
+        d2, _ = cKDTree(surf.verts).query(ref.verts)
+        cosf = float(np.clip(ref.frame.forward @ surf.frame.forward, -1, 1))
+        agreement = {"mean_vertex_distance_mm": float(0.5 * (d1.mean() + d2.mean())),
+                     "p99_vertex_distance_mm": float(max(np.percentile(d1, 99), np.percentile(d2, 99))),
+                     "cpu_faces": ref.n_faces, "forward_angle_deg": float(np.degrees(np.arccos(cosf))),
+                     "center_distance_mm": float(np.linalg.norm(ref.frame.center - surf.frame.center))}
+    topo = mesh_topology(surf.faces, surf.n_verts)
+    btopo = mesh_topology(bf, len(bv))
+    fwd = surf.frame.forward
+    angle = float(np.degrees(np.arccos(np.clip(fwd @ [0.0, 1.0, 0.0], -1, 1))))
+    med, bmed = statistics.median(ts), statistics.median(tb)
+    return {
+        "head": head, "shape": list(vol.shape), "voxel_mm": [float(z) for z in vol.zooms],
+        "load_s": load_s,
+        "mriface": {"median_s": med, "times_s": ts, "median_cpu_s": statistics.median(cs), "verts": surf.n_verts, "faces": surf.n_faces,
+                    "components": topo["components"], "watertight": topo["watertight"],
+                    "forward": fwd.tolist(), "forward_vs_anterior_deg": angle},
+        "baseline": {"median_s": bmed, "times_s": tb, "median_cpu_s": statistics.median(cb), "verts": int(len(bv)), "faces": int(len(bf)),
+                     "components": btopo["components"], "watertight": btopo["watertight"]},
+        "speedup_vs_baseline": bmed / med,
+        "gpu_vs_cpu_path": agreement,
+        "speedup_vs_baseline_cpu": statistics.median(cb) / statistics.median(cs),
+    }
+
+
+def bench_accuracy(small: bool, device: torch.device) -> list:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from phantoms import head_phantom
+
+    from mriface import extract_head_surface
+
+    rows = []
+    for vox in ([(2.0, 2.0, 2.0)] if small else [(1.0, 1.0, 1.0), (1.0, 1.0, 3.0)]):
+        vol, ph = head_phantom(vox)
+        t0 = time.perf_counter()
+        surf = extract_head_surface(vol, device=device)
+        dt = time.perf_counter() - t0
+        d = ph.distance(surf.verts.astype(np.float64))
+        rows.append({"voxel_mm": list(vox), "mean_mm": float(d.mean()), "p99_mm": float(np.percentile(d, 99)),
+                     "max_mm": float(d.max()), "mean_vox": float(d.mean() / min(vox)), "seconds": dt,
+                     "faces": surf.n_faces})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="2 mm voxface head and 2 mm phantom")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--head", default=None, help="sample head (default pycortex; --small: voxface)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--part", choices=("speed", "accuracy", "all"), default="all")
+    args = ap.parse_args(argv)
+    from mriface._device import resolve_device
+
+    device = resolve_device(args.device)
+    head = args.head or ("voxface" if args.small else "pycortex")
+    repeats = args.repeats or (2 if args.small else 5)
+    result = {"machine": _machine(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "small": args.small}
+    if args.part in ("speed", "all"):
+        sp = bench_speed(head, device, repeats)
+        result["speed"] = sp
+        m, b = sp["mriface"], sp["baseline"]
+        print(f"\nSurface speed: {head} {'x'.join(map(str, sp['shape']))} at "
+              f"{'x'.join(f'{z:.3g}' for z in sp['voxel_mm'])} mm, median of {repeats}, device {device}")
+        print(f"{'pipeline':34s} {'median s':>9s} {'cpu s':>6s} {'faces':>9s} {'comps':>6s} {'closed':>7s}")
+        print(f"{'mriface extract_head_surface':34s} {m['median_s']:9.2f} {m['median_cpu_s']:6.2f} {m['faces']:9d} "
+              f"{m['components']:6d} {str(m['watertight']):>7s}")
+        print(f"{'baseline Otsu + skimage MC (mask)':34s} {b['median_s']:9.2f} {b['median_cpu_s']:6.2f} {b['faces']:9d} "
+              f"{b['components']:6d} {str(b['watertight']):>7s}")
+        print(f"speed-up vs baseline: {sp['speedup_vs_baseline']:.2f}x wall, "
+              f"{sp['speedup_vs_baseline_cpu']:.2f}x cpu; load {sp['load_s']:.2f} s; "
+              f"forward {np.round(m['forward'], 3).tolist()} ({m['forward_vs_anterior_deg']:.1f} deg from +y)")
+        if sp["gpu_vs_cpu_path"]:
+            a = sp["gpu_vs_cpu_path"]
+            print(f"GPU vs CPU path: mean vertex distance {a['mean_vertex_distance_mm']:.4f} mm, p99 "
+                  f"{a['p99_vertex_distance_mm']:.3f} mm, faces {m['faces']} vs {a['cpu_faces']}, forward "
+                  f"{a['forward_angle_deg']:.2f} deg, centre {a['center_distance_mm']:.2f} mm apart")
+    if args.part in ("accuracy", "all"):
+        rows = bench_accuracy(args.small, device)
+        result["accuracy"] = rows
+        print("\nPhantom accuracy (distance from vertices to the analytic surface)")
+        print(f"{'voxel mm':>12s} {'mean mm':>8s} {'mean vox':>9s} {'p99 mm':>7s} {'max mm':>7s} {'s':>6s}")
+        for r in rows:
+            print(f"{'x'.join(f'{v:g}' for v in r['voxel_mm']):>12s} {r['mean_mm']:8.3f} {r['mean_vox']:9.3f} "
+                  f"{r['p99_mm']:7.3f} {r['max_mm']:7.3f} {r['seconds']:6.2f}")
+    out = ROOT / "benchmarks" / "out" / "surface.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nmachine: {result['machine']}\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
