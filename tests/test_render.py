@@ -1,0 +1,322 @@
+"""Renderer: camera conventions, backend agreement, determinism, gradients, writing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import mriface
+from mriface.errors import BackendError, MRIFaceError
+from mriface.render import (
+    Lights, Material, RenderProtocol, look_at_face, rasterize, render_views, shade, write_renders,
+)
+from mriface.render._synthetic import synthetic_head
+
+
+@pytest.fixture(scope="module")
+def small_head():
+    """The 2 mm averaged head, decimated so pytorch3d's CPU rasterizer stays affordable."""
+    from mriface.surface import crop_face, extract_head_surface
+    from mriface.volume import load_volume
+
+    surf = extract_head_surface(load_volume(mriface.datasets.fetch("voxface")), target_faces=30000)
+    return crop_face(surf, behind_mm=60)
+
+
+def _fixed_scene(frame, n=1, light_az=0.0, light_el=0.0, dtype=torch.float64):
+    cams = look_at_face(frame, np.linspace(-10, 10, n), 5.0, 0.0, 420.0, 40.0, dtype=dtype)
+    a, e = np.radians(light_az), np.radians(light_el)
+    d = np.cos(e) * (np.cos(a) * frame.forward + np.sin(a) * frame.right) + np.sin(e) * frame.up
+    lights = Lights(torch.tensor(np.tile(d, (n, 1)), dtype=dtype), torch.full((n, 3), 0.8, dtype=dtype),
+                    torch.full((n, 3), 0.3, dtype=dtype))
+    mat = Material(torch.tensor([[0.6, 0.4, 0.3]] * n, dtype=dtype), torch.full((n,), 0.1, dtype=dtype),
+                   torch.full((n,), 10.0, dtype=dtype))
+    return cams, lights, mat
+
+
+# ----------------------------------------------------------------------------- cameras
+def test_frontal_camera_puts_face_centre_mid_image_and_right_on_the_right():
+    head = synthetic_head()
+    fr = head.frame
+    cams = look_at_face(fr, 0, 0, 0, 500, 30)
+    pts = torch.tensor(np.stack([fr.center, fr.center + 50 * fr.right, fr.center + 50 * fr.up]), dtype=torch.float32)
+    px = cams.project(pts, 100)[0]
+    assert torch.allclose(px[0], torch.tensor([50.0, 50.0]), atol=1e-3)
+    assert px[1, 0] > 60 and abs(px[1, 1] - 50) < 1e-3  # frame.right -> image right
+    assert px[2, 1] < 40 and abs(px[2, 0] - 50) < 1e-3  # frame.up -> image top
+    assert torch.allclose(cams.centers()[0], torch.tensor(fr.center + 500 * fr.forward, dtype=torch.float32), atol=1e-3)
+    rolled = look_at_face(fr, 0, 0, 10, 500, 30).project(pts, 100)[0]
+    assert rolled[2, 0] < 48 and torch.allclose(rolled[0], px[0], atol=1e-3)  # top of the head tilts to image left
+
+
+def test_azimuth_moves_camera_towards_frame_right_and_rays_hit_pixel_centres():
+    fr = synthetic_head().frame
+    cams = look_at_face(fr, [30, 0], [0, 20], [0, 10], 500, [30, 45], dtype=torch.float64)
+    c = cams.centers().double().numpy()
+    assert (c[0] - fr.center) @ fr.right > 100 and (c[1] - fr.center) @ fr.up > 100
+    dirs = cams.ray_directions(8)
+    pts = cams.centers()[:, None, None, :] + 3.0 * dirs
+    px = cams.project(pts.reshape(2, -1, 3), 8).reshape(2, 8, 8, 2)
+    jj, ii = torch.meshgrid(torch.arange(8.0, dtype=torch.float64), torch.arange(8.0, dtype=torch.float64), indexing="xy")
+    assert torch.allclose(px[..., 0], (jj + 0.5).expand(2, -1, -1), atol=1e-4)
+    assert torch.allclose(px[..., 1], (ii + 0.5).expand(2, -1, -1), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- backends
+def test_backends_agree_on_a_decimated_sample_head(small_head):
+    prot = RenderProtocol(views=4, image_size=128, seed=3)
+    a = render_views([small_head], prot, backend="embree", device="cpu").images
+    b = render_views([small_head], prot, backend="pytorch3d", device="cpu").images
+    bg = torch.tensor(prot.background)
+    mask_a = (a - bg).abs().amax(-1) > 1e-6
+    mask_b = (b - bg).abs().amax(-1) > 1e-6
+    assert mask_a.float().mean() > 0.1, "the head should fill a good part of the image"
+    assert (mask_a != mask_b).float().mean() <= 0.005
+    close = ((a - b).abs().amax(-1) <= 2 / 255).float().mean()
+    assert close >= 0.99
+
+
+def test_fragments_agree_between_backends_on_depth_and_face_ids():
+    head = synthetic_head()
+    cams, _, _ = _fixed_scene(head.frame, n=2, dtype=torch.float32)
+    v, f = torch.tensor(head.verts), torch.tensor(head.faces)
+    fe = rasterize(v, f, cams, 48, backend="embree", device="cpu")
+    fp = rasterize(v, f, cams, 48, backend="pytorch3d", device="cpu")
+    both = fe.mask & fp.mask
+    assert both.float().mean() > 0.2
+    assert (fe.pix_to_face[both] == fp.pix_to_face[both]).float().mean() > 0.98
+    assert torch.allclose(fe.depth[both], fp.depth[both], rtol=1e-4, atol=1e-2)
+    same = both & (fe.pix_to_face == fp.pix_to_face)
+    assert torch.allclose(fe.bary[same], fp.bary[same], atol=1e-3)
+
+
+def test_unknown_backend_and_impossible_device_raise_helpful_errors():
+    head = synthetic_head()
+    with pytest.raises(BackendError, match="backend="):
+        render_views([head], RenderProtocol(views=1, image_size=16), backend="vtk", device="cpu")
+    with pytest.raises(MRIFaceError, match="views"):
+        RenderProtocol(views=0)
+    with pytest.raises(MRIFaceError, match="azimuth_deg"):
+        RenderProtocol(azimuth_deg=(10, -10))
+    with pytest.raises(MRIFaceError, match="subject_ids"):
+        render_views([head], RenderProtocol(views=1, image_size=16), subject_ids=["a", "b"], device="cpu")
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_same_seed_same_images_and_adding_a_subject_changes_no_other_subject():
+    head = synthetic_head()
+    other = dataclasses.replace(head, verts=head.verts * 1.05)
+    prot = RenderProtocol(views=3, image_size=40, seed=7)
+    one = render_views({"a": head}, prot, device="cpu")
+    two = render_views({"b": other, "a": head}, prot, device="cpu")
+    again = render_views({"a": head}, prot, device="cpu")
+    assert torch.equal(one.images, again.images)
+    assert two.subjects == ["b"] * 3 + ["a"] * 3
+    assert torch.equal(two.images[3:], one.images)
+    df1, df2 = one.to_dataframe(), two.to_dataframe()
+    pd.testing.assert_frame_equal(df1, df2.iloc[3:].reset_index(drop=True))
+    other_seed = render_views({"a": head}, dataclasses.replace(prot, seed=8), device="cpu")
+    assert not np.allclose(other_seed.params["azimuth_deg"], one.params["azimuth_deg"])
+    assert not np.allclose(df2["azimuth_deg"][:3], df2["azimuth_deg"][3:])  # subjects draw differently
+
+
+def test_parameters_stay_in_their_ranges_and_are_reported_per_image():
+    head = synthetic_head()
+    prot = RenderProtocol(views=20, image_size=16, azimuth_deg=(-5, 5), distance_mm=(400, 410))
+    b = render_views([head, head], prot, device="cpu")
+    df = b.to_dataframe()
+    assert len(df) == 40 and list(b.view[:20]) == list(range(20))
+    assert df["azimuth_deg"].between(-5, 5).all() and df["distance_mm"].between(400, 410).all()
+    d = np.linalg.norm(b.cameras.centers().double().numpy() - head.frame.center, axis=1)
+    assert np.allclose(d, df["distance_mm"], atol=1e-2)
+    assert np.allclose(np.linalg.norm(df[["light_x", "light_y", "light_z"]].to_numpy(), axis=1), 1)
+    assert (df[["light_x", "light_y", "light_z"]].to_numpy() @ head.frame.forward > 0).all()  # lit from the front
+    assert b.images.shape == (40, 16, 16, 3) and b.images.dtype == torch.float32
+    assert 0 <= b.images.min() and b.images.max() <= 1
+
+
+def test_render_views_drops_only_triangles_no_camera_can_see(small_head):
+    from mriface.render import front_faces, sample_view_params, scene_from_params
+    from mriface.render.protocol import _light_world
+
+    prot = RenderProtocol(views=3, image_size=96, seed=5)
+    culled = render_views({"s": small_head}, prot, device="cpu").images
+    p = sample_view_params(prot, "s")
+    p["light_x"], p["light_y"], p["light_z"] = _light_world(small_head.frame, p["light_azimuth_deg"],
+                                                             p["light_elevation_deg"]).T
+    cams, lights, mat = scene_from_params(small_head.frame, p)
+    v, f, n = (torch.tensor(x) for x in (small_head.verts, small_head.faces, small_head.normals))
+    full = shade(rasterize(v, f, cams, 96, backend="embree", device="cpu"), v, f, n, cams, lights, mat,
+                 background=prot.background)
+    assert torch.equal(culled, full)
+    kept = front_faces(v, f, cams.centers())
+    assert 0.3 * len(f) < len(kept) < 0.95 * len(f)  # the fixture is already cropped to the front
+
+
+def test_write_renders_writes_pngs_and_a_parameter_table(tmp_path):
+    head = synthetic_head()
+    b = render_views({"sub/01": head}, RenderProtocol(views=2, image_size=24), device="cpu")
+    paths = write_renders(b, tmp_path / "out", prefix="g_")
+    assert [p.name for p in paths] == ["g_sub_01_view00.png", "g_sub_01_view01.png"]
+    png = np.asarray(Image.open(paths[1]))
+    assert png.shape == (24, 24, 3)
+    assert np.abs(png.astype(float) / 255 - b.images[1].numpy()).max() <= 0.5 / 255 + 1e-6
+    table = pd.read_csv(tmp_path / "out" / "g_renders.csv")
+    assert list(table["file"]) == [p.name for p in paths]
+    assert np.allclose(table["fov_deg"], b.params["fov_deg"])
+    assert not list((tmp_path / "out").glob("*.part"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MRIFaceError, match="not a folder"):
+        write_renders(b, tmp_path / "file")
+
+
+# ----------------------------------------------------------------------------- gradients
+def _interior_weights(mask: torch.Tensor, seed=0) -> torch.Tensor:
+    """Random pixel weights, zero within 2 px of the silhouette (where images are not differentiable)."""
+    m = mask.float()[:, None]
+    eroded = -torch.nn.functional.max_pool2d(-m, 5, stride=1, padding=2)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(mask.shape + (3,), generator=g, dtype=torch.float64) * eroded[:, 0, ..., None]).to(torch.float64)
+
+
+def _render(verts, faces, cams, lights, mat, backend, size=40):
+    frags = rasterize(verts, faces, cams, size, backend=backend, device="cpu")
+    return shade(frags, verts, faces, None, cams, lights, mat), frags
+
+
+@pytest.mark.parametrize("backend", ["embree", "pytorch3d"])
+def test_vertex_gradients_match_finite_differences(backend):
+    head = synthetic_head(24, 32)
+    dtype = torch.float64 if backend == "embree" else torch.float32
+    cams, lights, mat = _fixed_scene(head.frame, n=1, dtype=dtype)
+    faces = torch.tensor(head.faces)
+    verts = torch.tensor(head.verts, dtype=dtype, requires_grad=True)
+    img, frags = _render(verts, faces, cams, lights, mat, backend)
+    w = _interior_weights(frags.mask).to(dtype)
+    (img * w).sum().backward()
+    # vertices of the visible front, away from the silhouette
+    front = np.argsort(-(head.verts - head.frame.center) @ head.frame.forward)[:40:4]
+    eps = 1e-5 if dtype == torch.float64 else 2e-2
+    num, ana = [], []
+    for vi in front:
+        for ax in range(3):
+            vals = []
+            for sgn in (1, -1):
+                v2 = verts.detach().clone()
+                v2[vi, ax] += sgn * eps
+                # requires_grad makes embree recompute hits in float64 too, like the analytic pass
+                im2, _ = _render(v2.requires_grad_(True), faces, cams, lights, mat, backend)
+                vals.append((im2 * w).sum().item())
+            num.append((vals[0] - vals[1]) / (2 * eps))
+            ana.append(verts.grad[vi, ax].item())
+    num, ana = np.array(num), np.array(ana)
+    assert np.abs(ana).max() > 1e-3, "gradients should not vanish on the visible front"
+    err = np.abs(num - ana).max() / np.abs(num).max()
+    print(f"{backend}: max relative error {err:.2e}")
+    assert err < (1e-5 if backend == "embree" else 0.05), (num, ana)
+
+
+@pytest.mark.parametrize("backend", ["embree", "pytorch3d"])
+def test_light_and_material_gradients_match_finite_differences(backend):
+    head = synthetic_head(24, 32)
+    cams, lights, mat = _fixed_scene(head.frame, n=1, light_az=30.0, light_el=20.0, dtype=torch.float64)
+    verts, faces = torch.tensor(head.verts, dtype=torch.float64), torch.tensor(head.faces)
+    frags = rasterize(verts.float(), faces, cams.to("cpu"), 40, backend=backend, device="cpu")
+    frags = type(frags)(frags.pix_to_face, frags.bary.double(), frags.depth.double())
+    w = _interior_weights(frags.mask)
+
+    def loss(direction, albedo):
+        lt = Lights(direction, lights.color, lights.ambient)
+        mt = Material(albedo, mat.specular, mat.shininess)
+        return (shade(frags, verts, faces, None, cams, lt, mt) * w).sum()
+
+    d = lights.direction.clone().requires_grad_(True)
+    alb = mat.albedo.clone().requires_grad_(True)
+    loss(d, alb).backward()
+    eps = 1e-6
+    for ax in range(3):
+        e = torch.zeros_like(d)
+        e[0, ax] = eps
+        num = (loss(d.detach() + e, alb.detach()) - loss(d.detach() - e, alb.detach())).item() / (2 * eps)
+        assert num == pytest.approx(d.grad[0, ax].item(), rel=1e-4, abs=1e-6)
+    e = torch.zeros_like(alb)
+    e[0, 0] = eps
+    num = (loss(d.detach(), alb.detach() + e) - loss(d.detach(), alb.detach() - e)).item() / (2 * eps)
+    assert num == pytest.approx(alb.grad[0, 0].item(), rel=1e-4)
+    assert abs(d.grad).max() > 1e-3
+
+
+def test_soft_silhouette_has_gradients_at_the_outline():
+    from mriface.render.backend_pytorch3d import soft_silhouette
+
+    head = synthetic_head(24, 32)
+    cams, _, _ = _fixed_scene(head.frame, n=1, dtype=torch.float32)
+    verts = torch.tensor(head.verts, requires_grad=True)
+    sil = soft_silhouette(verts, torch.tensor(head.faces), cams, 32, sigma=1e-4)
+    assert sil.shape == (1, 32, 32) and 0 <= sil.min() and sil.max() <= 1
+    hard = rasterize(verts.detach(), torch.tensor(head.faces), cams, 32, backend="embree", device="cpu").mask
+    assert ((sil > 0.5) == hard).float().mean() > 0.97
+    sil.sum().backward()
+    assert verts.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_pytorch3d_on_cuda_agrees_with_embree_on_cpu(small_head):
+    prot = RenderProtocol(views=4, image_size=128, seed=3)
+    a = render_views([small_head], prot, backend="embree", device="cpu").images
+    b = render_views([small_head], prot, device="cuda").images
+    assert ((a - b).abs().amax(-1) <= 2 / 255).float().mean() >= 0.99
+
+
+# ----------------------------------------------------------------------------- command line
+def test_render_command_writes_pngs_and_table_and_reports_bad_input(tmp_path, capsys):
+    from mriface.cli import main
+    from mriface.surface import save_surface_npz
+
+    save_surface_npz(synthetic_head(), tmp_path / "subj.npz")
+    assert main(["render", str(tmp_path / "subj.npz"), "--out", str(tmp_path / "r"), "--views", "2",
+                 "--size", "32", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["renders.csv", "subj_view00.png", "subj_view01.png"]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert main(["render", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "r2"), "--device", "cpu"]) == 2
+    assert "bad.npz" in capsys.readouterr().err
+
+
+def test_the_low_level_example_in_the_docs_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "render.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    example = next(b for b in blocks if "rasterize(" in b and "backward" in b)
+    exec(compile(example, "docs/render.md", "exec"), {})
+
+
+def test_pytorch3d_batches_several_subjects_into_one_call_like_embree_renders_them_one_by_one():
+    a = synthetic_head(24, 32)
+    b = dataclasses.replace(a, verts=(a.verts * np.array([1.1, 0.95, 1.0], np.float32)).astype(np.float32))
+    c = synthetic_head(20, 28, nose=False)
+    heads = {"a": a, "b": b, "c": c}
+    prot = RenderProtocol(views=2, image_size=40, seed=2)
+    emb = render_views(heads, prot, backend="embree", device="cpu")
+    p3d = render_views(heads, prot, backend="pytorch3d", device="cpu", batch_images=4)  # 2 subjects per call
+    assert emb.subjects == p3d.subjects
+    mask_e = (emb.images - torch.tensor(prot.background)).abs().amax(-1) > 1e-6
+    assert mask_e.float().mean() > 0.1
+    assert ((emb.images - p3d.images).abs().amax(-1) <= 2 / 255).float().mean() >= 0.99
+
+
+@pytest.mark.gpu
+def test_pytorch3d_bin_overflow_is_retried_with_room_for_a_whole_mesh():
+    # binned (coarse-to-fine) rasterization exists on CUDA only
+    head = synthetic_head()
+    v, f = torch.tensor(head.verts), torch.tensor(head.faces)
+    cams = look_at_face(head.frame, [0, 10], 0, 0, 400, 40)
+    naive = rasterize(v, f, cams, 64, backend="pytorch3d", device="cuda", bin_size=0)
+    binned = rasterize(v, f, cams, 64, backend="pytorch3d", device="cuda", bin_size=8, max_faces_per_bin=20)
+    assert torch.equal(naive.pix_to_face, binned.pix_to_face)
