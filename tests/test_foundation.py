@@ -98,6 +98,10 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(target.parent.iterdir()) == []
     write_text_atomic(target, "whole")
     assert target.read_text() == "whole"
+    # same permissions as a plain open() would give, not mkstemp's owner-only 0600
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
 
 
 def test_resolve_device():
