@@ -211,3 +211,21 @@ def resample_rotated(volume: Volume, rotation: np.ndarray, voxel_mm: "float | No
     data = ndi.affine_transform(volume.data, M, offset=off, output_shape=shape, order=1,
                                 cval=float(volume.data.min()))
     return Volume(data=data.astype(np.float32), affine=out_aff, modality=volume.modality, path=volume.path)
+
+
+def resample_zooms(volume: Volume, voxel_mm) -> Volume:
+    """The same scan on a grid of another voxel size (mm; a number or 3 per axis), trilinear.
+
+    The new grid starts at the input's voxel 0 and keeps its axes, so
+    ``new_affine = affine @ diag(scale)`` with ``scale = voxel_mm / zooms``;
+    it covers the input's extent (no extrapolation).
+    """
+    from scipy import ndimage as ndi
+
+    zooms = np.broadcast_to(np.asarray(voxel_mm, float), (3,))
+    scale = zooms / volume.zooms
+    shape = tuple(int(np.floor((s - 1) / sc + 1e-9)) + 1 for s, sc in zip(volume.shape, scale))
+    data = ndi.affine_transform(volume.data, np.diag(scale), output_shape=shape, order=1)
+    affine = volume.affine.copy()
+    affine[:3, :3] = volume.affine[:3, :3] @ np.diag(scale)
+    return Volume(data=data.astype(np.float32), affine=affine, modality=volume.modality, path=volume.path)

@@ -20,7 +20,7 @@ from mriface.surface import (
 )
 from mriface.volume import Volume
 
-from phantoms import head_phantom, resample_rotated, rotation_about  # tests/ is on sys.path (rootdir conftest)
+from phantoms import head_phantom, resample_rotated, resample_zooms, rotation_about  # tests/ is on sys.path (rootdir conftest)
 
 
 def _angle_deg(a, b) -> float:
@@ -178,6 +178,30 @@ def test_voxface_rotated_frame_follows(voxface, axis):
     surf = extract_head_surface(resample_rotated(voxface, R), device="cpu")
     _check_closed_outward(surf)
     assert _angle_deg(surf.frame.forward, R @ [0, 1, 0]) < 15
+
+
+@pytest.mark.parametrize("voxel_mm", [0.9, 1.3, 2.05, 2.2, 2.5, (1.0, 1.0, 3.0)], ids=str)
+def test_voxface_at_other_voxel_sizes(voxface, voxel_mm):
+    # regression: at 2.05-2.5 mm the threshold estimate's skin shell rounded
+    # to zero voxels and the head was reported missing
+    vol = resample_zooms(voxface, voxel_mm)
+    assert np.allclose(vol.zooms, np.broadcast_to(voxel_mm, (3,)), atol=1e-4)
+    est = estimate_threshold(vol)
+    ref = estimate_threshold(voxface)
+    # the level is a property of the scan, not of its grid
+    assert abs(est.threshold - ref.threshold) < 0.1 * (ref.skin - ref.air), (est, ref)
+    surf = extract_head_surface(vol, device="cpu")
+    _check_closed_outward(surf)
+    assert _angle_deg(surf.frame.forward, [0, 1, 0]) < 15
+
+
+@pytest.mark.parametrize("voxel_mm", [2.05, 2.5])
+def test_phantom_at_non_integer_block_ratio(voxel_mm):
+    vol, ph = head_phantom((voxel_mm,) * 3)
+    surf = extract_head_surface(vol, device="cpu")
+    _check_closed_outward(surf)
+    assert _dist(ph, surf).mean() <= 0.25 * voxel_mm
+    assert _angle_deg(surf.frame.forward, ph.forward) < 5
 
 
 @pytest.mark.slow
