@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks, as one non-interactive script for a CUDA host without a package registry.
+#
+# On the host, from the project root, after `../shared/gpu/stage` was run here and `.gpu/` and a
+# sample-data folder travelled with the tree:
+#     source .gpu/bootstrap.sh && MRIFACE_DATA=$PWD/.gpudata bash benchmarks/gpu_check.sh [smoke|full]
+# `smoke` runs every GPU test and each benchmark's --small variant on CUDA (a few minutes);
+# `full` runs the GPU tests and the study-size benchmarks. Each step has its own time limit and a
+# failing step does not stop the others. JSON results and one log (gpu.log) go to $OUT
+# (or benchmarks/out).
+set -u
+mode=${1:-full}
+dev=${DEVICE:-cuda}  # DEVICE=cpu checks the script itself on a machine without CUDA
+dest=${OUT:-benchmarks/out}
+mkdir -p benchmarks/out "$dest"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${secs}s)" | tee -a "$dest/gpu.log"
+  local t0=$SECONDS
+  timeout "$secs" "$@" 2>&1 | tee -a "$dest/gpu.log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$dest/gpu.log"
+}
+step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+if [ "$mode" = smoke ]; then
+  step surface 60 python3 -m benchmarks.bench_surface --small --device $dev --part speed
+  step render 90 python3 -m benchmarks.bench_render --small --device $dev --part gallery
+  step recognition 90 python3 -m benchmarks.bench_recognition --small --device $dev --random-weights
+  step study 90 python3 -m benchmarks.bench_study --small --device $dev --random-weights --skip-per-scan
+else
+  step surface 90 python3 -m benchmarks.bench_surface --device $dev --part speed
+  step render 180 python3 -m benchmarks.bench_render --device $dev --part gallery
+  step recognition 150 python3 -m benchmarks.bench_recognition --device $dev --random-weights
+  step study 200 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
+fi
+cp benchmarks/out/*.json "$dest/" 2>/dev/null
+ls -la "$dest"
