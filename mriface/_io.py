@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,15 @@ def atomic_path(path: "str | os.PathLike[str]") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path: "str | os.PathLike[str]") -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

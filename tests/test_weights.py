@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mriface import datasets
+from mriface._io import sha256_file
 from mriface.errors import WeightsError
 from mriface.recognition import weights as W
 
@@ -131,7 +132,7 @@ def test_cache_is_written_with_sha256_reused_and_rebuilt_when_corrupt(tmp_path, 
     path = W.ensure_weights(download=False)
     assert path.parent == tmp_path / "home" / "weights"
     meta = json.loads(path.with_name(path.name + ".json").read_text())
-    assert meta["sha256"] == W._sha256(path)
+    assert meta["sha256"] == sha256_file(path)
     assert meta["graph_sha256"] == datasets.SAMPLES[W.GRAPH_KEY].sha256
     state = torch.load(path, weights_only=True)
     assert W.state_dict_digest(state) == meta["state_dict_digest"] == W.CASIA_DIGEST
@@ -143,7 +144,7 @@ def test_cache_is_written_with_sha256_reused_and_rebuilt_when_corrupt(tmp_path, 
     assert W.ensure_weights(download=False) == path and path.stat().st_mtime_ns == mtime
     path.write_bytes(path.read_bytes()[:1000])  # corrupt: SHA-256 no longer matches
     W.ensure_weights(download=False)
-    assert W._sha256(path) == json.loads(path.with_name(path.name + ".json").read_text())["sha256"]
+    assert sha256_file(path) == json.loads(path.with_name(path.name + ".json").read_text())["sha256"]
     assert torch.load(path, weights_only=True).keys() == state.keys()
 
 

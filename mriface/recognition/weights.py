@@ -40,7 +40,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path, sha256_file, write_text_atomic
 from ..errors import DataUnavailableError, WeightsError
 
 __all__ = [
@@ -408,14 +408,6 @@ def _check_scales(nodes: Mapping[str, GraphNode], model: torch.nn.Module, path: 
 
 
 # ----------------------------------------------------------------- cache and loading
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over a state dict's sorted keys, dtypes, shapes and raw values.
 
@@ -453,7 +445,7 @@ def _cache_valid(path: Path, graph_sha: "str | None" = None) -> bool:
         return False
     if graph_sha is not None and meta.get("graph_sha256") != graph_sha:
         return False
-    return meta.get("sha256") == _sha256(path)
+    return meta.get("sha256") == sha256_file(path)
 
 
 def ensure_weights(*, download: bool = True, force: bool = False) -> Path:
@@ -500,7 +492,7 @@ def ensure_weights(*, download: bool = True, force: bool = False) -> Path:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     meta = {
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "graph_sha256": datasets.SAMPLES[GRAPH_KEY].sha256,
         "source": f"{datasets.SAMPLES[GRAPH_KEY].dist.filename}:{datasets.SAMPLES[GRAPH_KEY].member}",
         "model": "Inception-ResNet-v1 20180408-102900 (CASIA-WebFace), D. Sandberg's facenet",
