@@ -10,10 +10,21 @@ gradient, the barycentrics and depth of every hit are recomputed in torch
 (Moller-Trumbore) from the hit triangle and the ray, so the images are
 differentiable with respect to vertex positions wherever the visible triangle
 does not change (i.e. away from silhouettes and occlusion boundaries).
+
+Speed (CPU): ``embreex`` copies the mesh into Embree element by element and
+builds the BVH while holding the GIL, so :func:`build_bvh` hands it only the
+vertices the (back-face culled) faces use; tracing releases the GIL, so
+:func:`cast_hits` splits the rays into bands of rows traced by one thread per
+core, each band generating its own rays and keeping only its hits. The
+renderer then shades just those hits (:func:`~mriface.render.shade.shade_hits`)
+instead of full-size fragments.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,12 +35,15 @@ from ..errors import BackendError
 from .cameras import Cameras
 from .rasterize import Fragments, front_faces
 
-__all__ = ["EmbreeMesh", "build_bvh", "rasterize_embree", "ray_triangle_hits"]
+__all__ = ["EmbreeMesh", "Hits", "build_bvh", "cast_hits", "rasterize_embree", "ray_triangle_hits"]
 
 
 @dataclass(eq=False)
 class EmbreeMesh:
     """A committed Embree scene (BVH) of one triangle mesh, reusable for many views.
+
+    The BVH is built (committed) when the mesh is made, so several threads
+    may cast rays into it at once (``embreex`` releases the GIL while it traces).
 
     Attributes
     ----------
@@ -40,13 +54,38 @@ class EmbreeMesh:
     scene: object
     n_faces: int
 
-    def intersect(self, origins: np.ndarray, directions: np.ndarray):
+    def intersect(self, origins: np.ndarray, directions: np.ndarray, *, threads: "int | None" = None):
         """Cast rays; returns (face id int64 (-1 miss), u, v, t) as numpy arrays of shape (R,).
 
         ``origins`` and ``directions`` are (R, 3) float32 world RAS+ (mm).
+        ``threads``: rays are split over this many threads (default: every CPU core).
         """
-        hit = self.scene.run(origins, directions, output=1)
-        return hit["primID"].astype(np.int64), hit["u"], hit["v"], hit["tfar"]
+        n = int(origins.shape[0])
+        threads = _n_threads(threads)
+        if threads == 1 or n < 2 * _MIN_RAYS_PER_TASK:
+            hit = self.scene.run(origins, directions, output=1)
+            return hit["primID"].astype(np.int64), hit["u"], hit["v"], hit["tfar"]
+        cuts = np.linspace(0, n, min(4 * threads, n // _MIN_RAYS_PER_TASK) + 1).astype(np.int64)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda ab: self.scene.run(origins[ab[0]:ab[1]], directions[ab[0]:ab[1]], output=1),
+                                  zip(cuts[:-1], cuts[1:])))
+        return (np.concatenate([p["primID"] for p in parts]).astype(np.int64),
+                np.concatenate([p["u"] for p in parts]), np.concatenate([p["v"] for p in parts]),
+                np.concatenate([p["tfar"] for p in parts]))
+
+
+#: rays per thread task: large enough that Python overhead is negligible (~1 ms of tracing)
+_MIN_RAYS_PER_TASK = 16384
+
+
+def _n_threads(threads) -> int:
+    """``threads`` or, by default, the CPU cores this process may run on."""
+    if threads is not None:
+        return max(1, int(threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def build_bvh(verts, faces) -> EmbreeMesh:
@@ -57,7 +96,7 @@ def build_bvh(verts, faces) -> EmbreeMesh:
     verts : array_like
         (V, 3) vertex positions, world RAS+ mm.
     faces : array_like
-        (F, 3) int triangle indices.
+        (F, 3) int triangle indices. Face ``k`` of the BVH is row ``k`` of ``faces``.
 
     Raises
     ------
@@ -72,8 +111,19 @@ def build_bvh(verts, faces) -> EmbreeMesh:
         ) from exc
     v = np.ascontiguousarray(_numpy(verts), dtype=np.float32)
     f = np.ascontiguousarray(_numpy(faces), dtype=np.int32)
+    # embreex copies vertices and indices element by element (~0.3 us each, holding the GIL):
+    # hand it only the vertices the faces use (about half of them after back-face culling).
+    # Renumbering keeps the face order, so hit face ids are unchanged.
+    used = np.zeros(v.shape[0], dtype=bool)
+    used[f.reshape(-1)] = True
+    if not used.all():
+        remap = np.cumsum(used, dtype=np.int32) - 1
+        v = np.ascontiguousarray(v[used])
+        f = np.ascontiguousarray(remap[f])
     scene = rtcore_scene.EmbreeScene()
     mesh_construction.TriangleMesh(scene, v, f)
+    # embreex builds the BVH on the first query: do it now, once, so that threads can share the scene
+    scene.run(np.zeros((1, 3), np.float32), np.ones((1, 3), np.float32), output=1)
     return EmbreeMesh(scene, int(f.shape[0]))
 
 
@@ -112,6 +162,146 @@ def ray_triangle_hits(verts: torch.Tensor, faces: torch.Tensor, face_id: torch.T
     return torch.stack([1 - u - v, u, v], dim=-1), t
 
 
+@dataclass(frozen=True, eq=False)
+class Hits:
+    """The covered pixels of N images of side S, as compact arrays (no background pixels).
+
+    Attributes
+    ----------
+    pixel : torch.Tensor
+        (M,) int64 flat index ``view * S * S + row * S + col``, increasing.
+    face : torch.Tensor
+        (M,) int64 hit row of the mesh's ``faces`` (of the concatenated faces for several meshes).
+    bary : torch.Tensor
+        (M, 3) barycentric weights of the triangle's vertices 0, 1, 2.
+    depth : torch.Tensor
+        (M,) camera-space depth ``z_cam``, mm.
+    """
+
+    pixel: torch.Tensor
+    face: torch.Tensor
+    bary: torch.Tensor
+    depth: torch.Tensor
+
+
+def cast_hits(
+    verts_list: Sequence[torch.Tensor],
+    faces_list: Sequence[torch.Tensor],
+    mesh_index: torch.Tensor,
+    cameras: Cameras,
+    image_size: int,
+    *,
+    bvh: "Sequence[EmbreeMesh] | None" = None,
+    cull_backfaces: bool = False,
+    threads: "int | None" = None,
+    _keep_dirs: bool = False,
+):
+    """Cast one primary ray per pixel centre and return only the hits (see :class:`Hits`).
+
+    Parameters as :func:`rasterize_embree`; ``threads`` (default: every CPU
+    core) trace rays in parallel. No gradients (see :func:`rasterize_embree`).
+
+    Returns
+    -------
+    Hits
+        Sorted by pixel. With ``_keep_dirs`` also (M, 3) float32 numpy ray
+        directions and (M,) int64 mesh of each hit, for the gradient path.
+    """
+    dev = cameras.device
+    if dev.type != "cpu":
+        raise BackendError(f"backend='embree' runs on the CPU only (got device {dev}): use backend='pytorch3d' on CUDA")
+    s = image_size
+    face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
+    centers = cameras.centers()
+    R64 = cameras.R.detach().double().numpy()
+    th64 = cameras.tan_half_fov().detach().double().numpy()
+    c64 = centers.detach().double().numpy()
+    ndc = 1.0 - (2.0 * np.arange(s) + 1.0) / s
+    threads = _n_threads(threads)
+    parts = []
+    with ThreadPoolExecutor(threads) as pool:
+        for m in torch.unique(mesh_index).tolist():
+            views = torch.nonzero(mesh_index == m).flatten().tolist()
+            keep = None
+            if bvh is not None:
+                scene = bvh[m]
+            elif cull_backfaces:
+                keep_t = front_faces(verts_list[m], faces_list[m], centers[views])
+                keep = keep_t.numpy()
+                scene = build_bvh(verts_list[m], faces_list[m].index_select(0, keep_t))
+            else:
+                scene = build_bvh(verts_list[m], faces_list[m])
+            # only pixels inside the mesh's projected bounding box can be hit: cast rays there only
+            boxes = _pixel_boxes(verts_list[m], faces_list[m], cameras[views], s)
+            tasks = []
+            for k, vi in enumerate(views):
+                r0, r1, c0, c1 = (int(x) for x in boxes[k])
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                # bands of rows, so that both cores stay busy to the end
+                step = max(1, -(-_MIN_RAYS_PER_TASK * 2 // (c1 - c0)))
+                for a in range(r0, r1, step):
+                    tasks.append((vi, a, min(a + step, r1), c0, c1))
+            rays = functools.partial(_trace_band, scene, keep, int(face_offset[m]), R64, th64, c64, ndc, s,
+                                     _keep_dirs)
+            parts.extend((*res, m) for res in pool.map(rays, tasks) if res[0].shape[0])
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        hits = Hits(empty, empty.clone(), torch.zeros((0, 3)), torch.zeros(0))
+        return (hits, np.zeros((0, 3), np.float32), empty.numpy()) if _keep_dirs else hits
+    pix = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    order = None
+    if len(parts) > 1 and not bool((pix[1:] > pix[:-1]).all()):
+        # several meshes' views interleave: sort by pixel (views of one mesh come out in order)
+        order = torch.argsort(pix)
+        pix = pix[order]
+
+    def cat(i):
+        x = torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor) else \
+            torch.from_numpy(np.concatenate([p[i] for p in parts]))
+        return x if order is None else x[order]
+
+    hits = Hits(pix, cat(1), cat(2), cat(3))
+    if not _keep_dirs:
+        return hits
+    mesh_of = np.concatenate([np.full(p[0].shape[0], p[5], np.int64) for p in parts])
+    return hits, cat(4).numpy(), (mesh_of if order is None else mesh_of[order.numpy()])
+
+
+def _trace_band(scene: EmbreeMesh, keep, face_offset: int, R64, th64, c64, ndc, s: int, keep_dirs: bool, task):
+    """Trace the pixels (rows r0:r1, columns c0:c1) of view ``vi``; returns the hits only.
+
+    Runs in a worker thread: numpy, Embree and torch release the GIL for the heavy parts.
+    Returns (pixel int64 numpy, face int64 numpy, bary (M, 3) tensor, depth (M,) numpy,
+    directions (M, 3) numpy or None).
+    """
+    vi, r0, r1, c0, c1 = task
+    h, w = r1 - r0, c1 - c0
+    rk = R64[vi].astype(np.float32)
+    x = (ndc[c0:c1] * th64[vi]).astype(np.float32)
+    y = (ndc[r0:r1] * th64[vi]).astype(np.float32)
+    # d_world = d_cam @ R^T with d_cam = (x, y, 1): columns of R are the camera axes
+    d = np.empty((h, w, 3), np.float32)
+    np.multiply(y[:, None, None], rk[:, 1], out=d)
+    d += x[None, :, None] * rk[:, 0]
+    d += rk[:, 2]
+    d = d.reshape(h * w, 3)
+    o = np.empty((h * w, 3), np.float32)
+    o[:] = c64[vi]
+    hit = scene.scene.run(o, d, output=1)
+    prim = hit["primID"].view(np.int32)  # a miss is 0xFFFFFFFF, i.e. -1
+    idx = np.flatnonzero(prim >= 0)
+    rows, cols = np.divmod(idx, w)
+    pix = (vi * s + r0 + rows) * s + (c0 + cols)
+    fid = prim[idx].astype(np.int64)
+    if keep is not None:
+        fid = keep[fid]
+    fid += face_offset
+    u, v = torch.from_numpy(hit["u"][idx]), torch.from_numpy(hit["v"][idx])
+    bary = torch.stack([1 - u - v, u, v], dim=-1)
+    return pix, fid, bary, hit["tfar"][idx], (d[idx] if keep_dirs else None)
+
+
 def rasterize_embree(
     verts_list: Sequence[torch.Tensor],
     faces_list: Sequence[torch.Tensor],
@@ -121,6 +311,7 @@ def rasterize_embree(
     *,
     bvh: "Sequence[EmbreeMesh] | None" = None,
     cull_backfaces: bool = False,
+    threads: "int | None" = None,
 ) -> Fragments:
     """Embree implementation of :func:`mriface.render.rasterize`.
 
@@ -137,89 +328,42 @@ def rasterize_embree(
         from outside first meets a triangle facing it) and it roughly halves
         BVH build and ray time for heads; wrong for open meshes seen from
         inside. Ignored when ``bvh`` is given.
+    threads : int, optional
+        Threads tracing rays (default: every CPU core).
     """
-    dev = cameras.device
-    if dev.type != "cpu":
-        raise BackendError(f"backend='embree' runs on the CPU only (got device {dev}): use backend='pytorch3d' on CUDA")
     n, s = len(cameras), image_size
-    face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
     needs_grad = torch.is_grad_enabled() and (
         any(v.requires_grad for v in verts_list) or cameras.R.requires_grad or cameras.T.requires_grad
     )
     # float64 vertices give float64 barycentrics (useful for finite-difference checks)
     dtype = torch.float64 if needs_grad and any(v.dtype == torch.float64 for v in verts_list) else torch.float32
-    pix_to_face = torch.full((n, s * s), -1, dtype=torch.int64)
-    depth = torch.full((n, s * s), -1.0, dtype=dtype)
-    bary = torch.zeros((n, s * s, 3), dtype=dtype)
-    centers = cameras.centers()
-    R64 = cameras.R.detach().double().numpy()
-    th64 = cameras.tan_half_fov().detach().double().numpy()
-    c64 = centers.detach().double().numpy()
-    ndc = 1.0 - (2.0 * np.arange(s) + 1.0) / s
-    grad_parts = []
-    for m in torch.unique(mesh_index).tolist():
-        views = torch.nonzero(mesh_index == m).flatten()
-        keep = None
-        if bvh is not None:
-            scene = bvh[m]
-        elif cull_backfaces:
-            keep_t = front_faces(verts_list[m], faces_list[m], centers[views])
-            keep = keep_t.numpy()
-            scene = build_bvh(verts_list[m], faces_list[m][keep_t])
-        else:
-            scene = build_bvh(verts_list[m], faces_list[m])
-        # only pixels inside the mesh's projected bounding box can be hit: cast rays there only
-        boxes = _pixel_boxes(verts_list[m], faces_list[m], cameras[views], s)
-        counts = [(int(b[1]) - int(b[0])) * (int(b[3]) - int(b[2])) for b in boxes]
-        total = sum(counts)
-        if total == 0:
-            continue
-        o = np.empty((total, 3), np.float32)
-        d = np.empty((total, 3), np.float32)
-        pix = np.empty(total, np.int64)
-        pos = 0
-        for k, vi in enumerate(views.tolist()):
-            r0, r1, c0, c1 = (int(x) for x in boxes[k])
-            cnt = counts[k]
-            if cnt == 0:
-                continue
-            rk = R64[vi].astype(np.float32)
-            x = (ndc[c0:c1] * th64[vi]).astype(np.float32)
-            y = (ndc[r0:r1] * th64[vi]).astype(np.float32)
-            # d_world = d_cam @ R^T with d_cam = (x, y, 1): columns of R are the camera axes
-            blk = d[pos:pos + cnt].reshape(r1 - r0, c1 - c0, 3)
-            np.multiply(y[:, None, None], rk[:, 1], out=blk)
-            blk += x[None, :, None] * rk[:, 0]
-            blk += rk[:, 2]
-            o[pos:pos + cnt] = c64[vi]
-            pix[pos:pos + cnt] = (np.arange(r0, r1)[:, None] * s + np.arange(c0, c1)[None, :]).reshape(-1)
-            pos += cnt
-        fid, u, v, t = scene.intersect(o, d)
-        hit = fid >= 0
-        if keep is not None:
-            fid[hit] = keep[fid[hit]]
-        view_of_ray = torch.from_numpy(np.repeat(views.numpy(), counts))
-        pix_of_ray = torch.from_numpy(pix)
-        hv, hp = view_of_ray[torch.from_numpy(hit)], pix_of_ray[torch.from_numpy(hit)]
-        fid_hit = torch.from_numpy(fid[hit])
-        flat_hit = hv * (s * s) + hp
-        pix_to_face.view(-1).index_copy_(0, flat_hit, fid_hit + int(face_offset[m]))
-        if needs_grad:
+    out = cast_hits(verts_list, faces_list, mesh_index, cameras, s, bvh=bvh, cull_backfaces=cull_backfaces,
+                    threads=threads, _keep_dirs=needs_grad)
+    hits = out[0] if needs_grad else out
+    pix_to_face = torch.full((n * s * s,), -1, dtype=torch.int64)
+    pix_to_face.index_copy_(0, hits.pixel, hits.face)
+    depth = torch.full((n * s * s,), -1.0, dtype=dtype)
+    bary = torch.zeros((n * s * s, 3), dtype=dtype)
+    if needs_grad and hits.pixel.shape[0]:
+        _, dirs, mesh_of = out
+        face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
+        view = torch.div(hits.pixel, s * s, rounding_mode="floor")
+        centers = cameras.centers()
+        b_parts, t_parts, rows = [], [], []
+        for m in np.unique(mesh_of).tolist():
+            sel = torch.from_numpy(np.flatnonzero(mesh_of == m))
             b, tt = ray_triangle_hits(
-                verts_list[m].to(dtype), faces_list[m], fid_hit,
-                centers[hv].to(dtype), torch.from_numpy(d[hit]).to(dtype),
+                verts_list[m].to(dtype), faces_list[m], hits.face[sel] - int(face_offset[m]),
+                centers[view[sel]].to(dtype), torch.from_numpy(dirs[sel.numpy()]).to(dtype),
             )
-            grad_parts.append((hv, hp, b, tt))
-        else:
-            uh, vh = torch.from_numpy(u[hit]), torch.from_numpy(v[hit])
-            bary.view(-1, 3).index_copy_(0, flat_hit, torch.stack([1 - uh - vh, uh, vh], dim=-1))
-            depth.view(-1).index_copy_(0, flat_hit, torch.from_numpy(t[hit]))
-    if grad_parts:
+            b_parts.append(b); t_parts.append(tt); rows.append(hits.pixel[sel])
         # out-of-place scatter so autograd tracks it
-        vr = torch.cat([g[0] for g in grad_parts])
-        pr = torch.cat([g[1] for g in grad_parts])
-        bary = bary.index_put((vr, pr), torch.cat([g[2] for g in grad_parts]))
-        depth = depth.index_put((vr, pr), torch.cat([g[3] for g in grad_parts]))
+        pr = torch.cat(rows)
+        bary = bary.index_put((pr,), torch.cat(b_parts))
+        depth = depth.index_put((pr,), torch.cat(t_parts))
+    else:
+        bary.index_copy_(0, hits.pixel, hits.bary.to(dtype))
+        depth.index_copy_(0, hits.pixel, hits.depth.to(dtype))
     return Fragments(pix_to_face.reshape(n, s, s), bary.reshape(n, s, s, 3), depth.reshape(n, s, s))
 
 
@@ -234,9 +378,16 @@ def _pixel_boxes(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, s: 
     v = verts.detach().cpu().numpy().astype(np.float64, copy=False)
     q = np.floor(v / cell_mm).astype(np.int64)
     q -= q.min(axis=0)
-    span = int(q.max()) + 2
-    key = np.unique((q[:, 0] * span + q[:, 1]) * span + q[:, 2])
-    cells = np.stack([key // (span * span), (key // span) % span, key % span], axis=1)
+    dims = q.max(axis=0) + 1
+    if int(np.prod(dims)) <= 1 << 26:
+        # occupancy grid: the same cells as np.unique, without sorting every vertex
+        occ = np.zeros(tuple(int(x) for x in dims), dtype=bool)
+        occ[q[:, 0], q[:, 1], q[:, 2]] = True
+        cells = np.argwhere(occ)
+    else:  # a huge, sparse extent (stray vertices far away): sort instead
+        span = int(q.max()) + 2
+        key = np.unique((q[:, 0] * span + q[:, 1]) * span + q[:, 2])
+        cells = np.stack([key // (span * span), (key // span) % span, key % span], axis=1)
     base = np.floor(v.min(axis=0) / cell_mm) * cell_mm
     offs = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     pts = ((cells[:, None, :] + offs[None]).reshape(-1, 3) * cell_mm + base)

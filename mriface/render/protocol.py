@@ -20,7 +20,8 @@ from ..errors import MRIFaceError
 from .cameras import Cameras, look_at_face
 from .lights import Lights, Material, kelvin_to_rgb
 from .rasterize import _device_for, concat_meshes, front_faces, rasterize, resolve_backend
-from .shade import shade
+from .backend_embree import cast_hits
+from .shade import shade, shade_hits
 
 __all__ = ["RenderProtocol", "RenderBatch", "render_views", "sample_view_params", "PARAM_COLUMNS"]
 
@@ -355,7 +356,7 @@ def render_views(
             v, f, nrm = _mesh_tensors(surf, protocol.crop_behind_mm, dev)
             cams, lights, mat = scene_from_params(surf.frame, p, device=dev)
             # only triangles facing one of this subject's cameras can be seen (closed surface)
-            f = f[front_faces(v, f, cams.centers())]
+            f = f.index_select(0, front_faces(v, f, cams.centers()))
             verts_l.append(v); faces_l.append(f); normals_l.append(nrm)
             cams_l.append(cams); lights_l.append(lights); mats_l.append(mat)
         cams = Cameras(torch.cat([c.R for c in cams_l]), torch.cat([c.T for c in cams_l]),
@@ -366,16 +367,26 @@ def render_views(
         _sync(dev)
         t1 = time.perf_counter()
         with torch.no_grad():
-            frags = rasterize(verts_l, faces_l, cams, protocol.image_size, backend=name,
-                              mesh_index=mesh_index, device=dev)
-            _sync(dev)
-            t2 = time.perf_counter()
             if len(chunk) == 1:
                 v_all, f_all, n_all = verts_l[0], faces_l[0], normals_l[0]
             else:
                 v_all, f_all, _ = concat_meshes(verts_l, faces_l)
                 n_all = torch.cat(normals_l)
-            img = shade(frags, v_all, f_all, n_all, cams, lights, mat, background=protocol.background)
+            if name == "embree":
+                # only the covered pixels, as compact lists: no full-size fragments to fill and re-read
+                hits = cast_hits(verts_l, faces_l, mesh_index, cams, protocol.image_size)
+                _sync(dev)
+                t2 = time.perf_counter()
+                # one call over all hits: elementwise kernels then split the work exactly as shade() would,
+                # so the images are bit-identical to shading full fragments
+                img = shade_hits(hits.pixel, hits.face, hits.bary, len(cams), protocol.image_size, v_all, f_all,
+                                 n_all, cams, lights, mat, background=protocol.background)
+            else:
+                frags = rasterize(verts_l, faces_l, cams, protocol.image_size, backend=name,
+                                  mesh_index=mesh_index, device=dev)
+                _sync(dev)
+                t2 = time.perf_counter()
+                img = shade(frags, v_all, f_all, n_all, cams, lights, mat, background=protocol.background)
             images.append(img if out_device is None else img.to(out_device))
             _sync(dev)
             t3 = time.perf_counter()

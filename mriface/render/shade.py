@@ -15,7 +15,7 @@ from .cameras import Cameras
 from .lights import Lights, Material
 from .rasterize import Fragments
 
-__all__ = ["shade", "vertex_normals"]
+__all__ = ["shade", "shade_hits", "shade_points", "image_table", "compose", "vertex_normals"]
 
 _GAMMA = 1.0 / 2.2
 
@@ -71,37 +71,106 @@ def shade(
         (N, S, S, 3) sRGB in [0, 1], dtype of ``verts`` (float32 normally), on the fragments' device;
         differentiable w.r.t. verts, normals, lights and material.
     """
-    dev = fragments.pix_to_face.device
     n, s = fragments.pix_to_face.shape[:2]
+    # index_select on flat tensors: much faster than advanced indexing on the CPU
+    p2f = fragments.pix_to_face.reshape(n * s * s)
+    covered = torch.nonzero(p2f >= 0).flatten()
+    return shade_hits(covered, p2f.index_select(0, covered), fragments.bary.reshape(n * s * s, 3).index_select(0, covered),
+                      n, s, verts, faces, normals, cameras, lights, material, background=background)
+
+
+def shade_hits(
+    pixel: torch.Tensor,
+    face: torch.Tensor,
+    bary: torch.Tensor,
+    n_images: int,
+    image_size: int,
+    verts: torch.Tensor,
+    faces: torch.Tensor,
+    normals: "torch.Tensor | None",
+    cameras: Cameras,
+    lights: Lights,
+    material: Material,
+    *,
+    background=(0.8, 0.8, 0.8),
+) -> torch.Tensor:
+    """Colour the covered pixels given as compact lists; the rest get the background.
+
+    The core of :func:`shade` (which gathers these lists from its
+    fragments); a backend that already has them (embree's
+    :func:`~mriface.render.backend_embree.cast_hits`) skips building full-size
+    fragments. Same result as :func:`shade` on the equivalent fragments.
+
+    Parameters
+    ----------
+    pixel : torch.Tensor
+        (M,) int64 flat pixel index ``image * S * S + row * S + col`` of each covered pixel, no repeats.
+    face : torch.Tensor
+        (M,) int64 visible row of ``faces`` there.
+    bary : torch.Tensor
+        (M, 3) barycentric weights of that triangle's vertices.
+    n_images, image_size : int
+        N and S of the output.
+    verts, faces, normals, cameras, lights, material, background
+        As for :func:`shade`.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, S, S, 3) sRGB in [0, 1], as :func:`shade`.
+    """
+    dev = pixel.device
+    n, s = int(n_images), int(image_size)
     faces = faces.to(dev)
     verts = verts.to(dev)
     dt = verts.dtype if verts.is_floating_point() else torch.float32
     if normals is None:
         normals = vertex_normals(verts, faces)
     normals = normals.to(dev, dt)
-    bg = torch.as_tensor(background, dtype=dt, device=dev)
-    bg = bg.expand(n, 3) if bg.dim() == 1 else bg.to(dt)
+    table = image_table(cameras, lights, material, dev, dt)
+    view = torch.div(pixel, s * s, rounding_mode="floor")
+    srgb = shade_points(face, bary, view, verts, faces, normals, table)
+    return compose(pixel, srgb, n, s, background)
 
-    # index_select on flat tensors: much faster than advanced indexing on the CPU
-    p2f = fragments.pix_to_face.reshape(n * s * s)
-    covered = torch.nonzero(p2f >= 0).flatten()
-    m = covered.shape[0]
-    view = torch.div(covered, s * s, rounding_mode="floor")
-    tri = faces.index_select(0, p2f.index_select(0, covered)).reshape(-1)  # (3M,)
-    w = fragments.bary.reshape(n * s * s, 3).index_select(0, covered).to(dt)  # (M, 3)
+
+def image_table(cameras: Cameras, lights: Lights, material: Material, device, dtype) -> torch.Tensor:
+    """(N, 17) everything the shader needs that is constant per image, one row per image.
+
+    Columns: camera centre (3, mm), unit direction towards the light (3),
+    light colour (3), ambient colour (3), albedo (3), specular, shininess.
+    """
+    return torch.cat([
+        cameras.centers().to(device, dtype),
+        _unit(lights.direction.to(device, dtype)),
+        lights.color.to(device, dtype),
+        lights.ambient.to(device, dtype),
+        material.albedo.to(device, dtype),
+        material.specular.to(device, dtype)[:, None],
+        material.shininess.to(device, dtype)[:, None],
+    ], dim=1)
+
+
+def shade_points(face: torch.Tensor, bary: torch.Tensor, view: torch.Tensor, verts: torch.Tensor,
+                 faces: torch.Tensor, normals: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(M, 3) sRGB colour of M visible surface points: the lighting model itself.
+
+    Parameters
+    ----------
+    face : (M,) int64 rows of ``faces``; bary : (M, 3) weights of their vertices;
+    view : (M,) int64 image of each point (row of ``table``);
+    verts : (V, 3) world mm; faces : (F, 3) int64; normals : (V, 3) unit vertex normals;
+    table : (N, 17) from :func:`image_table`. All on one device, float tensors of one dtype.
+
+    Every operation is per point, so shading any split of the points gives the same colours.
+    """
+    m = face.shape[0]
+    dt = table.dtype
+    tri = faces.index_select(0, face).reshape(-1)  # (3M,)
+    w = bary.to(dt)  # (M, 3)
     pos = _interpolate(w, verts.index_select(0, tri).reshape(m, 3, 3))
     nrm = _unit(_interpolate(w, normals.index_select(0, tri).reshape(m, 3, 3)))
 
-    # everything that is constant per image, gathered once per pixel
-    table = torch.cat([
-        cameras.centers().to(dev, dt),
-        _unit(lights.direction.to(dev, dt)),
-        lights.color.to(dev, dt),
-        lights.ambient.to(dev, dt),
-        material.albedo.to(dev, dt),
-        material.specular.to(dev, dt)[:, None],
-        material.shininess.to(dev, dt)[:, None],
-    ], dim=1)
+    # the per-image constants, gathered once per point
     per = table.index_select(0, view)
     eye, light_dir, col, amb, albedo = (per[:, 3 * k:3 * k + 3] for k in range(5))
     specular, shininess = per[:, 15], per[:, 16]
@@ -112,10 +181,26 @@ def shade(
     n_dot_h = (nrm * _unit(light_dir + to_eye)).sum(-1).clamp(min=1e-6)
     spec = torch.where(n_dot_l > 0, n_dot_h.pow(shininess), 0.0) * specular
     linear = albedo * (amb + col * diffuse[:, None]) + col * spec[:, None]
-    srgb = linear.clamp(1e-6, 1.0).pow(_GAMMA)
+    return linear.clamp(1e-6, 1.0).pow(_GAMMA)
 
-    image = bg.repeat_interleave(s * s, dim=0)  # (N*S*S, 3), a fresh tensor
-    image = image.index_copy(0, covered, srgb)
+
+def compose(pixel: torch.Tensor, srgb: torch.Tensor, n_images: int, image_size: int, background) -> torch.Tensor:
+    """(N, S, S, 3) images: ``srgb`` (M, 3) at the flat pixels ``pixel`` (M,), the background elsewhere.
+
+    ``background``: sRGB (3,) or (N, 3), as for :func:`shade`.
+    """
+    n, s = int(n_images), int(image_size)
+    dev, dt = srgb.device, srgb.dtype
+    bg = torch.as_tensor(background, dtype=dt, device=dev)
+    bg = bg.expand(n, 3) if bg.dim() == 1 else bg.to(dt)
+    if srgb.requires_grad or bg.requires_grad:
+        image = bg.repeat_interleave(s * s, dim=0)  # (N*S*S, 3), a fresh tensor
+        image = image.index_copy(0, pixel, srgb)
+    else:
+        # no autograd: fill the background and write the covered pixels in place (one pass each)
+        image = torch.empty((n, s * s, 3), dtype=dt, device=dev)
+        image.copy_(bg[:, None, :].expand(n, s * s, 3))
+        image = image.view(n * s * s, 3).index_copy_(0, pixel, srgb)
     return image.reshape(n, s, s, 3)
 
 
