@@ -320,3 +320,21 @@ def test_pytorch3d_bin_overflow_is_retried_with_room_for_a_whole_mesh():
     naive = rasterize(v, f, cams, 64, backend="pytorch3d", device="cuda", bin_size=0)
     binned = rasterize(v, f, cams, 64, backend="pytorch3d", device="cuda", bin_size=8, max_faces_per_bin=20)
     assert torch.equal(naive.pix_to_face, binned.pix_to_face)
+
+
+def test_embree_hits_do_not_depend_on_the_number_of_tracing_threads():
+    from mriface.render.backend_embree import cast_hits, rasterize_embree
+
+    head = synthetic_head()
+    cams, _, _ = _fixed_scene(head.frame, n=3, dtype=torch.float32)
+    v, f = torch.tensor(head.verts), torch.tensor(head.faces)
+    index = torch.zeros(3, dtype=torch.int64)
+    one = cast_hits([v], [f], index, cams, 64, threads=1)
+    many = cast_hits([v], [f], index, cams, 64, threads=3)
+    assert one.pixel.numel() > 1000
+    for name in ("pixel", "face", "bary", "depth"):
+        assert torch.equal(getattr(one, name), getattr(many, name)), name
+    # the compact hits are exactly the covered pixels of the full fragments
+    frags = rasterize_embree([v], [f], index, cams, 64, threads=2)
+    assert torch.equal(torch.nonzero(frags.mask.reshape(-1)).flatten(), one.pixel)
+    assert torch.equal(frags.pix_to_face.reshape(-1)[one.pixel], one.face)
