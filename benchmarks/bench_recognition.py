@@ -30,10 +30,6 @@ Only numbers are kept; no render is written (two heads are real people).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -41,47 +37,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks._common import machine_info, sync, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "data" / "facenet-reference"
-
-
-def _stub_requests_if_missing() -> None:
-    """Let facenet-pytorch import on a host without ``requests`` (the GPU host has none).
-
-    facenet-pytorch imports ``requests`` at module level only to download
-    pretrained weights, which mriface never asks it to do; an empty stand-in
-    module is enough. Installed environments have the real package.
-    """
-    import importlib.util
-    import sys
-    import types
-
-    if importlib.util.find_spec("requests") is None:
-        stub = types.ModuleType("requests")
-        adapters = types.ModuleType("requests.adapters")
-        adapters.HTTPAdapter = object
-        stub.adapters = adapters
-        sys.modules.setdefault("requests", stub)
-        sys.modules.setdefault("requests.adapters", adapters)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _faces() -> list[Image.Image]:
@@ -120,10 +79,10 @@ def make_photos(n: int) -> tuple[list[np.ndarray], str]:
 
 
 def _timed(fn, device):
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, time.perf_counter() - t
 
 
@@ -224,7 +183,7 @@ def choose_render_agg(device: torch.device, out_path: Path, n_seeds: int = 5) ->
                 "dprime": float((gen.mean() - imp.mean()) / np.sqrt((gen.var() + imp.var()) / 2))}
             print(f"{pname:24s} {agg:9s} " + "  ".join(f"{k} {v:.4f}" for k, v in out[f"{pname} | {agg}"].items()))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(out, out_path)
     return out
 
 
@@ -243,7 +202,6 @@ def main(argv: "list[str] | None" = None) -> int:
                    help="measure max/mean/centroid render aggregation on renders of the sample heads")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "recognition.json"))
     args = p.parse_args(argv)
-    _stub_requests_if_missing()
     if args.choose_render_agg:
         from mriface._device import resolve_device as _rd
 
@@ -342,7 +300,7 @@ def main(argv: "list[str] | None" = None) -> int:
     sub = crops[: (len(crops) if device.type == "cuda" else min(len(crops), 8 if args.small else 32))]
     agreement = precision_agreement(sub, embedder.model, device, dtypes)
 
-    result = {"machine": _machine(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result = {"machine": machine_info(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "weights": "random" if args.random_weights else "CASIA-WebFace (converted)",
               "workload": {"renders": n_r, "render_size": args.size, "photos": n_p, "photo_source": photo_source,
                            "peer_fraction": frac},
@@ -350,7 +308,7 @@ def main(argv: "list[str] | None" = None) -> int:
               "precision_agreement": agreement, "match_summary_rank1": rank1}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
 
     m = result["machine"]
     print(f"recognition benchmark on {m.get('gpu', m['cpu'])} ({m['cores']} cores), torch {m['torch']}, "

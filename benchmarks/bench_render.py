@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,26 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._common import machine_info, sync, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _head(small: bool, full_resolution: bool, target_faces=None):
@@ -200,13 +181,13 @@ def bench_gallery(small: bool, device: torch.device, backend: str, target_faces=
     prot = RenderProtocol(views=views, image_size=size, seed=0)
     # warm-up on two subjects (CUDA context, kernels, allocator)
     render_views(dict(list(surfaces.items())[:2]), prot, backend=backend, device=device, out_device=None)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     st = {}
     t0 = time.perf_counter()
     batch = render_views(surfaces, prot, backend=backend, device=device, timings=st, out_device=None)
-    _sync(device)
+    sync(device)
     total = time.perf_counter() - t0
     # the copy of every image back to host memory, as render_views' default does
     t1 = time.perf_counter()
@@ -247,7 +228,7 @@ def main(argv=None) -> int:
     from mriface._device import resolve_device
 
     device = resolve_device(args.device)
-    result = {"machine": _machine(device), "small": args.small,
+    result = {"machine": machine_info(device), "small": args.small,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.part in ("cpu", "all"):
         r = bench_cpu(args.small, max(1, args.repeats if not args.small else 2))
@@ -296,7 +277,7 @@ def main(argv=None) -> int:
     print("\nmachine:", json.dumps(result["machine"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"wrote {out}")
     return 0
 

@@ -27,38 +27,18 @@ Prints a table and writes ``benchmarks/out/study.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import machine_info, write_json
+
 OUT = Path(__file__).resolve().parent / "out"
 STAGES = ("load", "surface", "render", "align", "embed")
-
-
-def machine(device: str) -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 # --------------------------------------------------------------------------- synthetic cohort
@@ -218,7 +198,7 @@ def main(argv=None) -> int:
     n_scans = args.scans or (6 if small else 84)
     photos_per = args.photos_per or (2 if small else 5)
     study_heads = ["voxface"] if small and args.study_heads == "pydeface,pycortex" else args.study_heads.split(",")
-    result = {"machine": machine(args.device), "small": small,
+    result = {"machine": machine_info(args.device), "small": small,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     if not args.skip_per_scan:
@@ -257,7 +237,7 @@ def main(argv=None) -> int:
               f"(cold / resumed = {st['study_s'] / max(st['rerun_from_cache_s'], 1e-9):.0f}x)")
     dest = Path(args.json)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(result, dest)
     print(f"\nwrote {dest}; machine: {result['machine']}")
     return 0
 

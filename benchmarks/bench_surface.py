@@ -23,11 +23,7 @@ far the two surfaces lie apart (they should agree to a few hundredths of a mm).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,25 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._common import machine_info, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_avg_1min"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
 
 
 def baseline_surface(data: np.ndarray):
@@ -157,7 +137,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     head = args.head or ("voxface" if args.small else "pycortex")
     repeats = args.repeats or (2 if args.small else 5)
-    result = {"machine": _machine(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result = {"machine": machine_info(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "small": args.small}
     if args.part in ("speed", "all"):
         sp = bench_speed(head, device, repeats)
@@ -188,7 +168,7 @@ def main(argv=None) -> int:
                   f"{r['p99_mm']:7.3f} {r['max_mm']:7.3f} {r['seconds']:6.2f}")
     out = ROOT / "benchmarks" / "out" / "surface.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"\nmachine: {result['machine']}\nwrote {out}")
     return 0
 

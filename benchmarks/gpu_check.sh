@@ -22,17 +22,17 @@ step() {  # step NAME SECONDS CMD...
   timeout "$secs" "$@" 2>&1 | tee -a "$dest/gpu.log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$dest/gpu.log"
 }
-step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+step gpu-tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 if [ "$mode" = smoke ]; then
   step surface 60 python3 -m benchmarks.bench_surface --small --device $dev --part speed
   step render 90 python3 -m benchmarks.bench_render --small --device $dev --part gallery
   step recognition 90 python3 -m benchmarks.bench_recognition --small --device $dev --random-weights
   step study 90 python3 -m benchmarks.bench_study --small --device $dev --random-weights --skip-per-scan
 else
-  step surface 90 python3 -m benchmarks.bench_surface --device $dev --part speed
-  step render 180 python3 -m benchmarks.bench_render --device $dev --part gallery
-  step recognition 150 python3 -m benchmarks.bench_recognition --device $dev --random-weights
-  step study 200 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
+  step surface 60 python3 -m benchmarks.bench_surface --device $dev --part speed
+  step render 120 python3 -m benchmarks.bench_render --device $dev --part gallery
+  step recognition 100 python3 -m benchmarks.bench_recognition --device $dev --random-weights --peer-fraction 0.25
+  step study 150 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
 fi
 cp benchmarks/out/*.json "$dest/" 2>/dev/null
 ls -la "$dest"
