@@ -104,7 +104,8 @@ def test_cuda_embedder_agrees_with_cpu(reference, dtype):
     torch.testing.assert_close(e.norm(dim=1), torch.ones(5), atol=1e-5, rtol=0)
     with torch.no_grad():
         ref = _trunk(model, crops)
-        got = _trunk(gpu.model, crops.to("cuda", dtype)).cpu()
+        with gpu.precision():  # float32 means IEEE float32 (no TF32), as in embed()
+            got = _trunk(gpu.model, crops.to("cuda", dtype)).cpu()
     assert torch.isfinite(got).all()
     if dtype == torch.float32:
         # a random network's features share a large common part: compare what differs between faces
@@ -121,3 +122,10 @@ def test_bad_arguments_are_user_errors(embedder):
         FaceNetEmbedder(device="cpu", dtype=torch.int8)
     with pytest.raises(MRIFaceError, match="crops"):
         embedder.embed(torch.zeros(2, 160, 160))
+
+
+def test_precision_context_is_a_no_op_on_cpu_and_leaves_global_flags_alone(embedder):
+    before = torch.backends.cudnn.allow_tf32
+    with embedder.precision():
+        assert torch.backends.cudnn.allow_tf32 == before  # CPU float32: nothing to change
+    assert torch.backends.cudnn.allow_tf32 == before
