@@ -16,7 +16,11 @@ Two parts, both printed as tables and written to ``benchmarks/out/render.json``:
   84 heads made by scaling the pydeface mean head (``extract_head_surface``)
   anisotropically by up to +-6 %; reports renders/s, seconds per stage
   (setup, rasterize, shade; CUDA synchronised) and peak GPU memory. Runs on
-  ``--device`` (default: CUDA when present).
+  ``--device`` (default: CUDA when present) with ``--backend`` (default auto:
+  zbuffer on CUDA, embree on the CPU) and, in the same run, the peer
+  ``--peer`` (default pytorch3d), on the full mesh and on the 150k-triangle
+  cap; the peer renders only the first 20 subjects of the full-mesh gallery
+  (``--peer-subjects``; renders/s is per render, so the ratio stays fair).
 
 ``--small`` shrinks both (2 mm voxface head, 4 subjects x 3 views at 128) for CI.
 
@@ -158,24 +162,37 @@ def _pipeline_heads(prot, repeats: int) -> dict:
             cpu.append(time.process_time() - c0)
             stages.append(st)
         k = int(np.argsort(times)[len(times) // 2])
+        # the pure-torch z-buffer backend (the CUDA default) on the same job, for reference
+        render_views([surf], prot, backend="zbuffer", device="cpu")
+        zb = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            render_views([surf], prot, backend="zbuffer", device="cpu")
+            zb.append(time.perf_counter() - t0)
         out[key] = {"scene": f"{key} 1 mm, extract_head_surface() defaults", "triangles": surf.n_faces,
                     "median_s": statistics.median(times), "all_s": times,
-                    "median_process_cpu_s": statistics.median(cpu), "stages_s": stages[k]}
+                    "median_process_cpu_s": statistics.median(cpu), "stages_s": stages[k],
+                    "zbuffer_cpu_median_s": statistics.median(zb)}
     return out
 
 
-def bench_gallery(small: bool, device: torch.device, backend: str, target_faces=None) -> dict:
+def bench_gallery(small: bool, device: torch.device, backend: str, target_faces=None, subjects=None, base=None) -> dict:
     """The study's gallery (84 x 10 at 512) on ``device``; stage times and renders/s.
 
-    ``target_faces`` caps each head's triangles (``extract_head_surface``'s option).
+    ``target_faces`` caps each head's triangles (``extract_head_surface``'s option);
+    ``subjects`` renders only the first that many of the gallery's subjects
+    (renders/s stays comparable); ``base`` reuses a (surface, description) pair.
     """
-    from mriface.render import RenderProtocol, render_views
+    from mriface.render import RenderProtocol, render_views, resolve_backend
     from mriface.render._synthetic import jitter_surface
 
     n_sub, views, size = (4, 3, 128) if small else (84, 10, 512)
-    base, what = _head(small, full_resolution=False, target_faces=target_faces)
+    base, what = base if base is not None else _head(small, full_resolution=False, target_faces=target_faces)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
+    if subjects is not None:
+        n_sub = min(n_sub, int(subjects))
+    # one rng stream: the first n subjects are the same whatever n
     surfaces = {f"sub-{i:02d}": jitter_surface(base, rng) for i in range(n_sub)}
     make_s = time.perf_counter() - t0
     prot = RenderProtocol(views=views, image_size=size, seed=0)
@@ -196,7 +213,8 @@ def bench_gallery(small: bool, device: torch.device, backend: str, target_faces=
     n = len(batch)
     out = {
         "scene": what, "triangles_per_head": base.n_faces, "subjects": n_sub, "views": views,
-        "image_size": size, "renders": n, "backend": backend, "seconds": total,
+        "image_size": size, "renders": n, "backend": backend,
+        "backend_resolved": resolve_backend(backend, device), "seconds": total,
         "renders_per_s": n / total, "stages_s": st, "images_to_host_s": to_host,
         "renders_per_s_incl_copy_to_host": n / (total + to_host), "synth_subjects_s": make_s,
         "coverage": float((batch.images != torch.tensor(prot.background, device=batch.images.device)).any(-1).float().mean()),
@@ -216,7 +234,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="fast variant for CI (< 1 min)")
     ap.add_argument("--device", default="auto", help="gallery device: auto, cpu or cuda")
-    ap.add_argument("--backend", default="auto", help="gallery backend: auto, pytorch3d or embree")
+    ap.add_argument("--backend", default="auto", help="gallery backend: auto (zbuffer on CUDA), zbuffer, pytorch3d or embree")
+    ap.add_argument("--peer", default="pytorch3d", help="gallery peer backend run in the same job ('none' to skip)")
+    ap.add_argument("--peer-subjects", type=int, default=None,
+                    help="subjects the peer renders on the full mesh (default 20 on the full mesh, all 84 on capped "
+                         "meshes; 1 with --small); renders/s is per render, so it stays comparable")
     ap.add_argument("--part", default="all", choices=["cpu", "gallery", "all"])
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats of the CPU part (median reported)")
     ap.add_argument("--gallery-faces", default="full,150000",
@@ -252,18 +274,37 @@ def main(argv=None) -> int:
             st = p["stages_s"]
             _print_table([(f"pipeline mesh {key} ({p['triangles']} triangles)",
                            f"median {p['median_s']:.3f} s, process CPU {p['median_process_cpu_s']:.3f} s, "
-                           f"setup / BVH+rays / shade {st['setup']:.3f} / {st['rasterize']:.3f} / {st['shade']:.3f} s")])
+                           f"setup / BVH+rays / shade {st['setup']:.3f} / {st['rasterize']:.3f} / {st['shade']:.3f} s; "
+                           f"zbuffer backend on the CPU {p['zbuffer_cpu_median_s']:.3f} s")])
     if args.part in ("gallery", "all"):
         caps = [None if c.strip() in ("full", "none", "") else int(c) for c in args.gallery_faces.split(",")]
         if args.small:
             caps = caps[:1]
         result["gallery_runs"] = []
+        result["gallery_ratios"] = []
+        runs = []
         for cap in caps:
-            r = bench_gallery(args.small, device, args.backend, target_faces=cap)
+            base = _head(args.small, full_resolution=False, target_faces=cap)
+            main_run = bench_gallery(args.small, device, args.backend, target_faces=cap, base=base)
+            runs.append(main_run)
+            if args.peer != "none" and args.peer != args.backend:
+                if args.peer_subjects is not None:
+                    n_peer = args.peer_subjects
+                else:
+                    n_peer = 1 if args.small else (20 if cap is None else None)
+                peer = bench_gallery(args.small, device, args.peer, target_faces=cap, subjects=n_peer, base=base)
+                runs.append(peer)
+                result["gallery_ratios"].append({
+                    "triangles_per_head": main_run["triangles_per_head"],
+                    "backend": main_run["backend_resolved"], "peer": args.peer,
+                    "peer_subjects": peer["subjects"],
+                    "ratio_renders_per_s": main_run["renders_per_s"] / peer["renders_per_s"],
+                })
+        for r in runs:
             result["gallery_runs"].append(r)
             st = r["stages_s"]
-            print(f"\nGallery on {device} ({r['backend']}): {r['subjects']} subjects x {r['views']} views at "
-                  f"{r['image_size']}^2, {r['scene']} ({r['triangles_per_head']} triangles/head)")
+            print(f"\nGallery on {device} ({r['backend']} = {r['backend_resolved']}): {r['subjects']} subjects x "
+                  f"{r['views']} views at {r['image_size']}^2, {r['scene']} ({r['triangles_per_head']} triangles/head)")
             rows = [
                 ("renders/s", f"{r['renders_per_s']:.1f}  ({r['renders']} renders in {r['seconds']:.2f} s, images left on device)"),
                 ("stages setup / rasterize / shade", f"{st['setup']:.3f} / {st['rasterize']:.3f} / {st['shade']:.3f} s"),
@@ -274,6 +315,9 @@ def main(argv=None) -> int:
                 rows.append(("peak GPU memory", f"{r['peak_gpu_mem_gib']:.2f} GiB"))
             _print_table(rows)
         result["gallery"] = result["gallery_runs"][0]
+        for q in result["gallery_ratios"]:
+            print(f"\n{q['backend']} / {q['peer']} renders/s ({q['triangles_per_head']} triangles/head, peer on "
+                  f"{q['peer_subjects']} subjects): {q['ratio_renders_per_s']:.1f}x")
     print("\nmachine:", json.dumps(result["machine"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="render side in pixels (default 512)")
     p.add_argument("--seed", type=int, default=0, help="render protocol seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--backend", default="auto", help="renderer: auto, embree (CPU) or pytorch3d")
+    p.add_argument("--backend", default="auto", help="renderer: auto (zbuffer on CUDA, embree on CPU), zbuffer, embree (CPU) or pytorch3d")
     p.add_argument("--random-weights", action="store_true",
                    help="untrained FaceNet (timing without the weights; ranks are meaningless)")
     p.add_argument("--include-images", action="store_true",
@@ -281,7 +281,7 @@ def _add_render(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--views", type=int, default=10, help="renders per head (default 10)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed of views and lighting (default 0)")
-    p.add_argument("--backend", default="auto", help="auto (pytorch3d on CUDA, embree on CPU), pytorch3d or embree")
+    p.add_argument("--backend", default="auto", help="auto (zbuffer on CUDA, embree on CPU), zbuffer, pytorch3d or embree")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=_run_render)
 

@@ -2,9 +2,10 @@
 
 Two steps with one seam: a backend rasterizes (:func:`rasterize` ->
 :class:`Fragments`: triangle id, barycentrics and depth per pixel) and one
-torch function, :func:`shade`, turns fragments into images. ``pytorch3d``
-rasterizes on CUDA (and small meshes on the CPU), ``embree`` ray-casts on
-the CPU; both feed the same shader, so their images agree.
+torch function, :func:`shade`, turns fragments into images. ``zbuffer`` (pure
+torch) rasterizes on CUDA by default and also runs on the CPU, ``embree``
+ray-casts on the CPU (its default), ``pytorch3d`` remains for soft silhouettes
+and its users; all feed the same shader, so their images agree.
 
 High level::
 

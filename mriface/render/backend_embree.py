@@ -33,7 +33,7 @@ import torch
 
 from ..errors import BackendError
 from .cameras import Cameras
-from .rasterize import Fragments, front_faces
+from .rasterize import Fragments, front_faces, ray_triangle_hits  # noqa: F401 - re-exported here too
 
 __all__ = ["EmbreeMesh", "Hits", "build_bvh", "cast_hits", "rasterize_embree", "ray_triangle_hits"]
 
@@ -107,7 +107,7 @@ def build_bvh(verts, faces) -> EmbreeMesh:
         from embreex import mesh_construction, rtcore_scene
     except ImportError as exc:  # pragma: no cover - embreex is a hard dependency
         raise BackendError(
-            "backend='embree' needs the 'embreex' package: pip install embreex, or use backend='pytorch3d'"
+            "backend='embree' needs the 'embreex' package: pip install embreex, or use backend='zbuffer'"
         ) from exc
     v = np.ascontiguousarray(_numpy(verts), dtype=np.float32)
     f = np.ascontiguousarray(_numpy(faces), dtype=np.int32)
@@ -131,35 +131,6 @@ def _numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def ray_triangle_hits(verts: torch.Tensor, faces: torch.Tensor, face_id: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor):
-    """Barycentrics and ray parameter of rays against known triangles, in torch.
-
-    Differentiable with respect to ``verts`` (and the rays).
-
-    Parameters
-    ----------
-    verts : (V, 3) world mm; faces : (F, 3) int64; face_id : (R,) int64 rows of ``faces``;
-    origins, dirs : (R, 3) ray origins (mm) and directions.
-
-    Returns
-    -------
-    bary : (R, 3) weights of the triangle's vertices 0, 1, 2.
-    t : (R,) ray parameter of the hit (``origin + t * dir``).
-    """
-    tri = verts[faces[face_id]]  # (R,3,3)
-    v0, v1, v2 = tri[:, 0], tri[:, 1], tri[:, 2]
-    e1, e2 = v1 - v0, v2 - v0
-    p = torch.cross(dirs, e2, dim=-1)
-    det = (e1 * p).sum(-1)
-    inv = 1.0 / det
-    s = origins - v0
-    u = (s * p).sum(-1) * inv
-    q = torch.cross(s, e1, dim=-1)
-    v = (dirs * q).sum(-1) * inv
-    t = (e2 * q).sum(-1) * inv
-    return torch.stack([1 - u - v, u, v], dim=-1), t
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +180,7 @@ def cast_hits(
     """
     dev = cameras.device
     if dev.type != "cpu":
-        raise BackendError(f"backend='embree' runs on the CPU only (got device {dev}): use backend='pytorch3d' on CUDA")
+        raise BackendError(f"backend='embree' runs on the CPU only (got device {dev}): use backend='zbuffer' on CUDA")
     s = image_size
     face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
     centers = cameras.centers()

@@ -1,4 +1,8 @@
-"""pytorch3d's ``MeshRasterizer``: the default CUDA backend, batched over views and meshes.
+"""pytorch3d's ``MeshRasterizer``, batched over views and meshes.
+
+No longer the default on CUDA (the ``zbuffer`` backend is many times faster on
+dense heads: pytorch3d's fine stage loops over every face of a 32x32-pixel bin);
+kept for soft silhouettes and for users who extend pytorch3d.
 
 The cameras are handed over unchanged (``FoVPerspectiveCameras`` with the
 same R, T and field of view): mriface's camera convention *is* pytorch3d's,
@@ -9,7 +13,7 @@ gradients from them and from the depth to the vertex positions.
 
 from __future__ import annotations
 
-import warnings
+import math
 from typing import Sequence
 
 import torch
@@ -18,7 +22,8 @@ from ..errors import BackendError
 from .cameras import Cameras
 from .rasterize import Fragments
 
-__all__ = ["rasterize_pytorch3d", "soft_silhouette", "to_pytorch3d_cameras"]
+__all__ = ["rasterize_pytorch3d", "soft_silhouette", "to_pytorch3d_cameras", "default_bin_size", "images_per_call",
+           "BIN_BUFFER_BYTES"]
 
 
 def _import():
@@ -48,6 +53,32 @@ def _meshes(verts_list, faces_list, mesh_index):
     return Meshes(verts=[verts_list[m] for m in idx], faces=[faces_list[m] for m in idx])
 
 
+#: bytes of pytorch3d's coarse-rasterizer bin buffer (int32 per slot) allowed per call
+BIN_BUFFER_BYTES = 2 << 30
+
+
+def default_bin_size(image_size: int, device: torch.device) -> int:
+    """The bin size pytorch3d picks for ``bin_size=None`` (0: naive rasterizer, always on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    if image_size <= 64:
+        return 8
+    return int(2 ** max(math.ceil(math.log2(image_size)) - 4, 4))
+
+
+def images_per_call(image_size: int, bin_size: int, max_faces_per_bin: int, budget_bytes: int = BIN_BUFFER_BYTES) -> int:
+    """How many images one pytorch3d call may hold so that its bin buffer stays within ``budget_bytes``.
+
+    The coarse rasterizer allocates images x bins x ``max_faces_per_bin`` int32
+    slots, bins = ceil(S / bin_size)^2. The naive rasterizer (``bin_size=0``)
+    has no such buffer: no limit.
+    """
+    if bin_size == 0:
+        return 1 << 62
+    bins = (-(-image_size // bin_size)) ** 2
+    return max(1, budget_bytes // (bins * max_faces_per_bin * 4))
+
+
 def rasterize_pytorch3d(
     verts_list: Sequence[torch.Tensor],
     faces_list: Sequence[torch.Tensor],
@@ -61,60 +92,50 @@ def rasterize_pytorch3d(
     """pytorch3d implementation of :func:`mriface.render.rasterize` (hard, one face per pixel).
 
     ``bin_size`` / ``max_faces_per_bin`` go to ``RasterizationSettings``
-    (None: pytorch3d's heuristics; ``bin_size=0`` is the naive rasterizer).
+    (``bin_size=None``: pytorch3d's heuristic; ``bin_size=0`` is the naive
+    rasterizer). On CUDA pytorch3d reports a bin overflow only with a C++
+    printf and silently drops triangles, which Python cannot detect; so by
+    default ``max_faces_per_bin`` is the largest mesh's face count (no bin can
+    overflow) and the images are split into calls whose bin buffer stays
+    within :data:`BIN_BUFFER_BYTES`. A smaller ``max_faces_per_bin`` is the
+    caller's risk on CUDA; on the CPU (naive only) an overflow raises BackendError.
     """
     _, MeshRasterizer, RasterizationSettings, _ = _import()
-    meshes = _meshes(verts_list, faces_list, mesh_index)
     n_max = max(int(f.shape[0]) for f in faces_list)
     if max_faces_per_bin is None:
-        # a face fills the middle bins: allow a bin to hold a large share of a mesh
-        max_faces_per_bin = max(10000, n_max // 4)
-    p3d_cams = to_pytorch3d_cameras(cameras)
-
-    def run(per_bin):
-        settings = RasterizationSettings(
-            image_size=image_size, blur_radius=0.0, faces_per_pixel=1, bin_size=bin_size,
-            max_faces_per_bin=per_bin, perspective_correct=True, cull_backfaces=False,
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                out = MeshRasterizer(cameras=p3d_cams, raster_settings=settings)(meshes)
-            except RuntimeError as exc:  # the CPU coarse rasterizer raises where CUDA warns
-                if "too many faces per bin" not in str(exc):
-                    raise
-                return None, True
-        overflow = False
-        for w in caught:
-            if "Bin size was too small" in str(w.message):
-                overflow = True
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return out, overflow
-
-    frags, overflow = run(max_faces_per_bin)
-    if overflow and max_faces_per_bin < n_max:
-        # a bin held more faces than allowed and pytorch3d dropped some: redo with room for a whole mesh
-        frags, overflow = run(n_max)
-    if frags is None:
-        raise BackendError(
-            f"pytorch3d's coarse rasterizer overflowed its bins (max_faces_per_bin={max_faces_per_bin}): "
-            "pass a larger max_faces_per_bin, or bin_size=0 for the naive rasterizer"
-        )
-    if overflow:
-        warnings.warn("pytorch3d's coarse rasterizer overflowed its bins; some triangles may be missing. "
-                      "Pass bin_size=0 (naive rasterizer) to rasterize() to avoid it.", RuntimeWarning, stacklevel=2)
-    p2f = frags.pix_to_face[..., 0]
-    # packed face index of view n -> row in concat_meshes(verts_list, faces_list)
-    first = meshes.mesh_to_faces_packed_first_idx()
-    sizes = torch.tensor([int(f.shape[0]) for f in faces_list], device=p2f.device)
-    offset = (torch.cumsum(sizes, 0) - sizes)[mesh_index.to(p2f.device)]
-    shift = (offset - first)[:, None, None]
-    hit = p2f >= 0
-    p2f = torch.where(hit, p2f + shift, p2f)
-    bary = torch.where(hit[..., None], frags.bary_coords[..., 0, :], 0.0)
-    depth = torch.where(hit, frags.zbuf[..., 0], -1.0)
-    return Fragments(p2f, bary, depth)
+        max_faces_per_bin = max(1, n_max)
+    dev = cameras.device
+    eff_bin = default_bin_size(image_size, dev) if bin_size is None else int(bin_size)
+    group = images_per_call(image_size, eff_bin, max_faces_per_bin)
+    sizes = torch.tensor([int(f.shape[0]) for f in faces_list], dtype=torch.int64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    settings = RasterizationSettings(
+        image_size=image_size, blur_radius=0.0, faces_per_pixel=1, bin_size=bin_size,
+        max_faces_per_bin=max_faces_per_bin, perspective_correct=True, cull_backfaces=False,
+    )
+    parts = []
+    for a in range(0, len(cameras), group):
+        idx = mesh_index[a:a + group]
+        meshes = _meshes(verts_list, faces_list, idx)
+        try:
+            frags = MeshRasterizer(cameras=to_pytorch3d_cameras(cameras[a:a + group]), raster_settings=settings)(meshes)
+        except RuntimeError as exc:  # the CPU coarse rasterizer raises on overflow
+            if "too many faces per bin" not in str(exc):
+                raise
+            raise BackendError(
+                f"pytorch3d's coarse rasterizer overflowed its bins (max_faces_per_bin={max_faces_per_bin}): "
+                "leave max_faces_per_bin=None (room for a whole mesh), or pass bin_size=0 for the naive rasterizer"
+            ) from exc
+        p2f = frags.pix_to_face[..., 0]
+        # packed face index of view n -> row in concat_meshes(verts_list, faces_list)
+        first = meshes.mesh_to_faces_packed_first_idx()
+        shift = (offsets.to(p2f.device)[idx.to(p2f.device)] - first)[:, None, None]
+        hit = p2f >= 0
+        parts.append((torch.where(hit, p2f + shift, p2f), torch.where(hit[..., None], frags.bary_coords[..., 0, :], 0.0),
+                      torch.where(hit, frags.zbuf[..., 0], -1.0)))
+    if len(parts) == 1:
+        return Fragments(*parts[0])
+    return Fragments(*(torch.cat([p[k] for p in parts]) for k in range(3)))
 
 
 def soft_silhouette(

@@ -299,8 +299,8 @@ def render_views(
         Heads in world RAS+ mm with their face frames.
     protocol : RenderProtocol
         Views, light, skin, image size, background and seed.
-    backend : {"auto", "pytorch3d", "embree"}
-        "auto": pytorch3d on CUDA, embree on the CPU.
+    backend : {"auto", "zbuffer", "pytorch3d", "embree"}
+        "auto": zbuffer on CUDA, embree on the CPU.
     device : str or torch.device
         'auto' = CUDA when present (the CPU for backend='embree').
     subject_ids : sequence of str, optional
@@ -309,8 +309,9 @@ def render_views(
     progress : bool
         Show a tqdm bar over subjects.
     batch_images : int, optional
-        Images per rasterizer call (pytorch3d groups whole subjects up to
-        this; default 80 on CUDA, 10 on the CPU) -- lower it if memory runs out.
+        Images per rasterizer call (zbuffer and pytorch3d group whole subjects
+        up to this; default 80 on CUDA, one subject's views on the CPU) --
+        lower it if memory runs out.
     timings : dict, optional
         If given, seconds are added to its keys "setup", "rasterize" and
         "shade" (CUDA is synchronised around each stage).
@@ -331,7 +332,7 @@ def render_views(
         raise MRIFaceError("render_views: no surfaces given")
     if batch_images is None:
         batch_images = 80 if dev.type == "cuda" else protocol.views
-    per_batch = max(1, int(batch_images) // protocol.views) if name == "pytorch3d" else 1
+    per_batch = max(1, int(batch_images) // protocol.views) if name in ("pytorch3d", "zbuffer") else 1
     t = timings if timings is not None else {}
     for k in ("setup", "rasterize", "shade"):
         t.setdefault(k, 0.0)

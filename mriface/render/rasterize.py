@@ -16,10 +16,10 @@ import torch
 from ..errors import BackendError
 from .cameras import Cameras
 
-__all__ = ["Fragments", "rasterize", "resolve_backend", "concat_meshes", "front_faces", "BACKENDS"]
+__all__ = ["Fragments", "rasterize", "resolve_backend", "concat_meshes", "front_faces", "ray_triangle_hits", "BACKENDS"]
 
 #: every backend name :func:`rasterize` accepts besides ``"auto"``
-BACKENDS = ("pytorch3d", "embree")
+BACKENDS = ("zbuffer", "pytorch3d", "embree")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +55,7 @@ class Fragments:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"pytorch3d"`` on CUDA, ``"embree"`` on the CPU; checks names.
+    """``"auto"`` -> ``"zbuffer"`` on CUDA, ``"embree"`` on the CPU; checks names.
 
     Raises
     ------
@@ -63,9 +63,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         For an unknown name, or embree asked for on a CUDA device.
     """
     if backend == "auto":
-        return "pytorch3d" if device.type == "cuda" else "embree"
+        return "zbuffer" if device.type == "cuda" else "embree"
     if backend not in BACKENDS:
-        raise BackendError(f"backend={backend!r} is not a renderer backend: use 'auto', 'pytorch3d' or 'embree'")
+        raise BackendError(f"backend={backend!r} is not a renderer backend: use 'auto', 'zbuffer', 'pytorch3d' or 'embree'")
     return backend
 
 
@@ -131,6 +131,35 @@ def front_faces(verts: torch.Tensor, faces: torch.Tensor, eyes: torch.Tensor) ->
     return torch.nonzero(side > -scale * fn.norm(dim=1)).flatten()
 
 
+def ray_triangle_hits(verts: torch.Tensor, faces: torch.Tensor, face_id: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor):
+    """Barycentrics and ray parameter of rays against known triangles, in torch.
+
+    Differentiable with respect to ``verts`` (and the rays).
+
+    Parameters
+    ----------
+    verts : (V, 3) world mm; faces : (F, 3) int64; face_id : (R,) int64 rows of ``faces``;
+    origins, dirs : (R, 3) ray origins (mm) and directions.
+
+    Returns
+    -------
+    bary : (R, 3) weights of the triangle's vertices 0, 1, 2.
+    t : (R,) ray parameter of the hit (``origin + t * dir``).
+    """
+    tri = verts[faces[face_id]]  # (R,3,3)
+    v0, v1, v2 = tri[:, 0], tri[:, 1], tri[:, 2]
+    e1, e2 = v1 - v0, v2 - v0
+    p = torch.cross(dirs, e2, dim=-1)
+    det = (e1 * p).sum(-1)
+    inv = 1.0 / det
+    s = origins - v0
+    u = (s * p).sum(-1) * inv
+    q = torch.cross(s, e1, dim=-1)
+    v = (dirs * q).sum(-1) * inv
+    t = (e2 * q).sum(-1) * inv
+    return torch.stack([1 - u - v, u, v], dim=-1), t
+
+
 def rasterize(
     verts,
     faces,
@@ -150,21 +179,22 @@ def rasterize(
         (V, 3) vertex positions, world RAS+ mm, of one mesh seen by every
         camera; or a list of M such tensors (one per mesh) together with
         ``mesh_index``. Gradients flow from the returned ``bary`` / ``depth``
-        to ``verts`` on both backends (embree: away from silhouettes).
+        to ``verts`` on every backend (zbuffer and embree: away from silhouettes).
     faces : torch.Tensor or sequence of torch.Tensor
         (F, 3) int64 triangle vertex indices (or a list matching ``verts``).
     cameras : Cameras
         N cameras (see :mod:`mriface.render.cameras` for conventions).
     image_size : int
         Square image side S, pixels.
-    backend : {"auto", "pytorch3d", "embree"}
-        ``"auto"``: pytorch3d on CUDA, embree on the CPU.
+    backend : {"auto", "zbuffer", "pytorch3d", "embree"}
+        ``"auto"``: zbuffer on CUDA, embree on the CPU.
     mesh_index : array_like of int, optional
         (N,) which mesh camera ``n`` sees, when lists are given.
     device : str or torch.device
         Where the returned fragments live ('auto' = CUDA when present; the CPU for embree).
     **backend_options
-        Passed to the backend (pytorch3d: ``bin_size``, ``max_faces_per_bin``).
+        Passed to the backend (pytorch3d: ``bin_size``, ``max_faces_per_bin``;
+        zbuffer: ``max_candidates``; embree: ``bvh``, ``cull_backfaces``, ``threads``).
 
     Returns
     -------
@@ -197,6 +227,10 @@ def rasterize(
         from .backend_pytorch3d import rasterize_pytorch3d
 
         return rasterize_pytorch3d(verts_list, faces_list, mesh_index, cameras, image_size, **backend_options)
+    if name == "zbuffer":
+        from .backend_zbuffer import rasterize_zbuffer
+
+        return rasterize_zbuffer(verts_list, faces_list, mesh_index, cameras, image_size, **backend_options)
     from .backend_embree import rasterize_embree
 
     return rasterize_embree(verts_list, faces_list, mesh_index, cameras, image_size, **backend_options)
