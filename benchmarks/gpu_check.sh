@@ -5,7 +5,7 @@
 # sample-data folder travelled with the tree:
 #     source .gpu/bootstrap.sh && MRIFACE_DATA=$PWD/.gpudata bash benchmarks/gpu_check.sh [smoke|full]
 # `smoke` runs every GPU test and each benchmark's --small variant on CUDA (a few minutes);
-# `full` runs the GPU tests and the study-size benchmarks. Each step has its own time limit and a
+# `full` runs the GPU tests and the study-size benchmarks; `render` the GPU tests, the gallery and the study. Each step has its own time limit and a
 # failing step does not stop the others. JSON results and one log (gpu.log) go to $OUT
 # (or benchmarks/out).
 set -u
@@ -23,7 +23,10 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$dest/gpu.log"
 }
 step gpu-tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
-if [ "$mode" = smoke ]; then
+if [ "$mode" = render ]; then  # the renderer's gallery and the study that uses it
+  step render 120 python3 -m benchmarks.bench_render --device $dev --part gallery
+  step study 150 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
+elif [ "$mode" = smoke ]; then
   step surface 60 python3 -m benchmarks.bench_surface --small --device $dev --part speed
   step render 90 python3 -m benchmarks.bench_render --small --device $dev --part gallery
   step recognition 90 python3 -m benchmarks.bench_recognition --small --device $dev --random-weights
