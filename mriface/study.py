@@ -105,7 +105,7 @@ class Pipeline:
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     backend : str
-        Renderer backend (``"auto"``, ``"embree"``, ``"pytorch3d"``).
+        Renderer backend (``"auto"``: zbuffer on CUDA, embree on the CPU; or ``"zbuffer"``, ``"embree"``, ``"pytorch3d"``).
     weights : str or Path, optional
         FaceNet weights (see :mod:`mriface.recognition.weights`).
     random_weights : bool
