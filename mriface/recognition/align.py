@@ -148,10 +148,11 @@ class FaceAligner:
 
     Examples
     --------
-    >>> aligner = FaceAligner(device="cpu")                 # doctest: +SKIP
-    >>> a = aligner.align(["me.jpg", "render.png"])         # doctest: +SKIP
-    >>> a.crops.shape, a.found                               # doctest: +SKIP
-    (torch.Size([2, 3, 160, 160]), tensor([True, True]))
+    >>> from mriface import datasets
+    >>> aligner = FaceAligner(device="cpu")
+    >>> a = aligner.align([datasets.fetch("obama"), datasets.fetch("biden")])
+    >>> a.crops.shape, a.found.tolist()
+    (torch.Size([2, 3, 160, 160]), [True, True])
     """
 
     def __init__(self, *, device: "str | torch.device" = "auto", image_size: int = 160,

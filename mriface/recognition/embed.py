@@ -38,10 +38,14 @@ class FaceNetEmbedder:
 
     Examples
     --------
-    >>> emb = FaceNetEmbedder(device="cpu")                  # doctest: +SKIP
-    >>> e = emb.embed(aligner.align(paths))                  # doctest: +SKIP
-    >>> e.shape                                              # doctest: +SKIP
-    torch.Size([4, 512])
+    >>> from mriface import datasets
+    >>> from mriface.recognition import FaceAligner
+    >>> photos = [datasets.fetch(k) for k in ("obama", "obama2", "biden")]
+    >>> e = FaceNetEmbedder(device="cpu").embed(FaceAligner(device="cpu").align(photos))
+    >>> e.shape
+    torch.Size([3, 512])
+    >>> bool(e[0] @ e[1] > e[0] @ e[2])  # two photographs of one person are the closer pair
+    True
     """
 
     def __init__(self, weights: "str | os.PathLike[str] | None" = None, *,
