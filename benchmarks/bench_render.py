@@ -77,6 +77,24 @@ def _head(small: bool, full_resolution: bool, target_faces=None):
         return synthetic_head(*n), f"synthetic ellipsoid head {n} (sample data unavailable: {exc})"
 
 
+def _time_render(surf, prot, backend: str, repeats: int) -> dict:
+    """``render_views`` of one head on the CPU, after a warm-up call: times, CPU times, stages of the median run."""
+    from mriface.render import render_views
+
+    render_views([surf], prot, backend=backend, device="cpu")  # warm-up: imports, allocator
+    times, cpu, stages = [], [], []
+    for _ in range(repeats):
+        st = {}
+        c0, t0 = time.process_time(), time.perf_counter()
+        render_views([surf], prot, backend=backend, device="cpu", timings=st)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        stages.append(st)
+    k = int(np.argsort(times)[len(times) // 2])
+    return {"median_s": statistics.median(times), "all_s": times,
+            "median_process_cpu_s": statistics.median(cpu), "stages_s": stages[k]}
+
+
 def bench_cpu(small: bool, repeats: int) -> dict:
     """Embree end to end on the CPU, and pytorch3d's CPU rasterizer on a scaled-down job."""
     from mriface.render import RenderProtocol, render_views
@@ -85,17 +103,8 @@ def bench_cpu(small: bool, repeats: int) -> dict:
     size, views = (128, 3) if small else (512, 10)
     before_load = os.getloadavg()
     prot = RenderProtocol(views=views, image_size=size, seed=0)
-    times, stages, cpu = [], [], []
-    render_views([surf], prot, backend="embree", device="cpu")  # warm-up: imports, allocator
-    for _ in range(repeats):
-        st = {}
-        c0, t0 = time.process_time(), time.perf_counter()
-        render_views([surf], prot, backend="embree", device="cpu", timings=st)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        stages.append(st)
-    med = statistics.median(times)
-    k = int(np.argsort(times)[len(times) // 2])
+    emb = _time_render(surf, prot, "embree", repeats)
+    med = emb["median_s"]
     # the same with the back of the head cropped 70 mm behind the face centre (faster, not exact:
     # the cut shows at the ears from about 20 deg azimuth)
     import dataclasses
@@ -125,8 +134,8 @@ def bench_cpu(small: bool, repeats: int) -> dict:
         "pipeline_meshes": pipeline,
         "scene": what, "triangles": surf.n_faces, "views": views, "image_size": size,
         "load_average_before": before_load, "load_average_after": os.getloadavg(),
-        "embree_median_s": med, "embree_all_s": times, "embree_stages_s": stages[k],
-        "embree_median_process_cpu_s": statistics.median(cpu),
+        "embree_median_s": med, "embree_all_s": emb["all_s"], "embree_stages_s": emb["stages_s"],
+        "embree_median_process_cpu_s": emb["median_process_cpu_s"],
         "embree_crop70_median_s": statistics.median(crop_times),
         "peer": f"pytorch3d CPU rasterizer + same shader, 1 view at {peer_size}x{peer_size}, scaled x{scale:g} by pixels",
         "pytorch3d_small_s": p3d_small, "embree_small_s": emb_small,
@@ -152,27 +161,11 @@ def _pipeline_heads(prot, repeats: int) -> dict:
         except Exception as exc:  # noqa: BLE001 - sample not cached
             out[key] = {"skipped": str(exc)}
             continue
-        render_views([surf], prot, backend="embree", device="cpu")  # warm-up
-        times, cpu, stages = [], [], []
-        for _ in range(repeats):
-            st = {}
-            c0, t0 = time.process_time(), time.perf_counter()
-            render_views([surf], prot, backend="embree", device="cpu", timings=st)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            stages.append(st)
-        k = int(np.argsort(times)[len(times) // 2])
+        emb = _time_render(surf, prot, "embree", repeats)
         # the pure-torch z-buffer backend (the CUDA default) on the same job, for reference
-        render_views([surf], prot, backend="zbuffer", device="cpu")
-        zb = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            render_views([surf], prot, backend="zbuffer", device="cpu")
-            zb.append(time.perf_counter() - t0)
+        zb = _time_render(surf, prot, "zbuffer", repeats)
         out[key] = {"scene": f"{key} 1 mm, extract_head_surface() defaults", "triangles": surf.n_faces,
-                    "median_s": statistics.median(times), "all_s": times,
-                    "median_process_cpu_s": statistics.median(cpu), "stages_s": stages[k],
-                    "zbuffer_cpu_median_s": statistics.median(zb)}
+                    **emb, "zbuffer_cpu_median_s": zb["median_s"]}
     return out
 
 

@@ -314,11 +314,15 @@ def test_the_low_level_example_in_the_docs_runs():
     exec(compile(example, "docs/render.md", "exec"), {})
 
 
-def test_pytorch3d_batches_several_subjects_into_one_call_like_embree_renders_them_one_by_one():
+def _three_heads() -> dict:
+    """Three small heads of different shapes (one without a nose), for batching tests."""
     a = synthetic_head(24, 32)
     b = dataclasses.replace(a, verts=(a.verts * np.array([1.1, 0.95, 1.0], np.float32)).astype(np.float32))
-    c = synthetic_head(20, 28, nose=False)
-    heads = {"a": a, "b": b, "c": c}
+    return {"a": a, "b": b, "c": synthetic_head(20, 28, nose=False)}
+
+
+def test_pytorch3d_batches_several_subjects_into_one_call_like_embree_renders_them_one_by_one():
+    heads = _three_heads()
     prot = RenderProtocol(views=2, image_size=40, seed=2)
     emb = render_views(heads, prot, backend="embree", device="cpu")
     p3d = render_views(heads, prot, backend="pytorch3d", device="cpu", batch_images=4)  # 2 subjects per call
@@ -442,10 +446,8 @@ def test_zbuffer_renders_large_triangles_like_embree():
 
 
 def test_zbuffer_batches_several_subjects_like_embree_renders_them_one_by_one():
-    a = synthetic_head(24, 32)
-    b = dataclasses.replace(a, verts=(a.verts * np.array([1.1, 0.95, 1.0], np.float32)).astype(np.float32))
-    c = synthetic_head(20, 28, nose=False)
-    heads = {"a": a, "b": b, "c": c}
+    heads = _three_heads()
+    a = heads["a"]
     prot = RenderProtocol(views=2, image_size=40, seed=2)
     emb = render_views(heads, prot, backend="embree", device="cpu")
     zb = render_views(heads, prot, backend="zbuffer", device="cpu", batch_images=4)  # 2 subjects per call
