@@ -16,7 +16,7 @@ from mriface.surface import (
     marching_cubes_torch,
     mesh_topology,
     save_surface,
-    vertex_normals,
+    vertex_normals_np,
 )
 from mriface.volume import Volume
 
@@ -326,7 +326,7 @@ def test_ascii_ply_with_quads_and_flipped_winding(tmp_path, voxface_surface):
     quad.write_text("ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
                     "property float z\nelement face 1\nproperty list uchar int vertex_indices\n"
                     "end_header\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n4 0 1 2 3\n")
-    from mriface.surface import _read_ply
+    from mriface.surface.io import _read_ply
 
     _, f = _read_ply(quad)
     assert f.tolist() == [[0, 1, 2], [0, 2, 3]]
@@ -363,7 +363,7 @@ def test_gifti_and_freesurfer_surfaces(tmp_path, voxface_surface):
 
 
 def test_obj_with_polygons_and_texture_indices(tmp_path):
-    from mriface.surface import _read_obj
+    from mriface.surface.io import _read_obj
 
     p = tmp_path / "m.obj"
     p.write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\nf 1/1 2/1 3/1 4/1\nf -4 -3 -2\n")
@@ -390,7 +390,7 @@ def test_load_surface_bad_inputs(tmp_path):
 def test_vertex_normals_of_a_tetrahedron():
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
     f = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
-    n = vertex_normals(v, f)
+    n = vertex_normals_np(v, f)
     assert np.allclose(np.linalg.norm(n, axis=1), 1, atol=1e-6)
     assert (n[1:] @ np.ones(3) > 0).all() and n[0] @ np.ones(3) < 0
 
