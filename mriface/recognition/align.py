@@ -1,10 +1,20 @@
-"""Face detection and alignment: MTCNN boxes -> 160x160 crops standardised for FaceNet.
+"""Face detection and alignment: one MTCNN detection -> the crop each face model asks for.
 
 Photographs and renders go through the same code: facenet-pytorch's MTCNN
-(its bundled P-, R- and O-net weights) finds faces, one face per image is
-kept by a fixed policy, and that box (plus a margin) is resampled to a square
-crop with ``torchvision.ops.roi_align``. Crops are standardised the way the
-FaceNet weights expect: ``(x - 127.5) / 128`` on 0..255 RGB.
+(its bundled P-, R- and O-net weights) finds faces and their five landmarks,
+one face per image is kept by a fixed policy, and from that one detection the
+aligner cuts a crop for every :class:`~mriface.recognition.CropSpec` it was
+built with:
+
+* ``"box"`` (FaceNet): the box plus a margin, resampled to a square with
+  ``torchvision.ops.roi_align`` (bilinear, area-averaged);
+* ``"arcface"`` (ArcFace-style 112-px models): the least-squares similarity
+  transform (rotation, uniform scale, shift) that takes the five landmarks
+  onto insightface's five-point template, warped with ``grid_sample``
+  (bilinear), batched on the aligner's device.
+
+Each crop is then normalised as its spec says (FaceNet: ``(x - 127.5) / 128``
+on 0..255 RGB).
 
 Policy, per image
 -----------------
@@ -15,32 +25,53 @@ Policy, per image
   largest box area: the subject of a portrait or a render is the largest
   face, while small faces in the background are the usual extra detections.
   ``select="probable"`` keeps the most probable one instead.
-* No face: ``found`` is False, ``prob`` and ``boxes`` are NaN, the crop is
-  all zeros, and the image keeps its place in every output (never dropped).
+* No face: ``found`` is False, ``prob``, ``boxes`` and ``landmarks`` are NaN,
+  the crops are all zeros, and the image keeps its place in every output
+  (never dropped).
 * The margin follows facenet-pytorch's convention: ``margin`` pixels of the
-  *output* crop are added around the box (half on each side). Parts of the
-  crop that fall outside the image are zero before standardisation (black).
+  *output* crop are added around the box (half on each side). Parts of a
+  crop that fall outside the image are zero before normalisation (black).
+
+Large photographs
+-----------------
+A photograph file whose long side exceeds ``decode_side`` is decoded reduced
+by an integer factor (JPEG: Pillow's ``draft``, which decodes at 1/2, 1/4 or
+1/8 in the DCT domain; other formats: ``Image.reduce``), keeping its long side
+at least ``decode_side``. Any image whose long side exceeds ``detect_side`` is
+detected on an area-downscaled copy; boxes and landmarks are scaled back and
+the crops are cut from the decoded image, so they keep its resolution.
+MTCNN's ``min_face_size`` then applies to the detection copy: the smallest
+face found in a large image is ``min_face_size`` times the reduction, e.g.
+about 80 px in a 4000x3000 photograph (a portrait's face is hundreds).
+``Alignment.boxes`` and ``landmarks`` are always in the pixels of the image as
+given (the file's full resolution, after its EXIF orientation).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .._device import resolve_device
 from ..errors import InputFileError, MRIFaceError
+from .models import ARCFACE_TEMPLATE, FACENET_CROP, CropSpec
 
-__all__ = ["Alignment", "FaceAligner", "load_image", "DEFAULT_MARGIN", "DEFAULT_MIN_PROB"]
+__all__ = ["Alignment", "FaceAligner", "load_image", "similarity_transform", "DEFAULT_MARGIN",
+           "DEFAULT_MIN_PROB", "MAX_IMAGE_PIXELS"]
 
 #: pixels of the 160-pixel crop added around MTCNN's box (see docs/recognition.md)
 DEFAULT_MARGIN = 32
 #: minimum MTCNN probability for a detection to count as a face
 DEFAULT_MIN_PROB = 0.90
+#: most pixels an image may have once decoded (after any decode-time reduction): 80 megapixels,
+#: about 240 MB as 8-bit RGB and 1 GB as the float tensor MTCNN reads. Checked from the header.
+MAX_IMAGE_PIXELS = 80_000_000
 
 
 @dataclass(frozen=True)
@@ -50,7 +81,8 @@ class Alignment:
     Attributes
     ----------
     crops : torch.Tensor
-        (N, 3, S, S) float32, ``(rgb - 127.5) / 128``; zeros where no face.
+        (N, 3, S, S) float32 crops for the aligner's first :class:`CropSpec`
+        (FaceNet's by default: ``(rgb - 127.5) / 128``); zeros where no face.
     found : torch.Tensor
         (N,) bool, a face was kept.
     prob : torch.Tensor
@@ -60,6 +92,14 @@ class Alignment:
         margin), NaN if none.
     n_faces : torch.Tensor
         (N,) int64 number of faces with probability >= ``min_prob``.
+    landmarks : torch.Tensor
+        (N, 5, 2) float32 ``x, y`` input pixels of the kept face's left eye,
+        right eye, nose tip, left and right mouth corners (image left and
+        right), NaN if none (or if not given).
+    specs : tuple of CropSpec
+        The specs this alignment has crops for (the first is ``crops``').
+    extra_crops : dict
+        CropSpec -> (N, 3, S, S) crops for the other specs; use :meth:`crop_for`.
     """
 
     crops: torch.Tensor
@@ -67,44 +107,98 @@ class Alignment:
     prob: torch.Tensor
     boxes: torch.Tensor
     n_faces: torch.Tensor
+    landmarks: "torch.Tensor | None" = None
+    specs: "tuple[CropSpec, ...]" = ()
+    extra_crops: "Mapping[CropSpec, torch.Tensor]" = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.landmarks is None:  # built by hand (tests, older callers): unknown landmarks
+            object.__setattr__(self, "landmarks", torch.full((len(self), 5, 2), float("nan")))
 
     def __len__(self) -> int:
         return int(self.found.shape[0])
 
+    def crop_for(self, spec: CropSpec) -> torch.Tensor:
+        """The (N, 3, S, S) crops cut for ``spec`` (zeros where no face).
 
-def load_image(item: object, index: int = 0) -> np.ndarray:
-    """One image as an (H, W, 3) uint8 RGB array.
+        Raises
+        ------
+        MRIFaceError
+            The aligner was not built with ``spec``.
+        """
+        if spec in self.extra_crops:
+            return self.extra_crops[spec]
+        if (self.specs and spec == self.specs[0]) or (not self.specs and spec.size == self.crops.shape[-1]
+                                                      and spec.alignment == "box"):
+            return self.crops
+        raise MRIFaceError(f"this alignment has no crops for {spec}: build the FaceAligner with "
+                           f"crops=(..., {spec}) (it has {', '.join(map(str, self.specs)) or 'only .crops'})")
 
-    Parameters
-    ----------
-    item : path-like, PIL.Image or numpy array
-        A path to any image file PIL reads (turned upright by its EXIF
-        orientation tag); a PIL image (any mode); an array
-        (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, uint8 or float in [0, 1].
-    index : int
-        Position in the caller's list, for error messages.
 
-    Raises
-    ------
-    InputFileError
-        The file is missing or not an image.
-    MRIFaceError
-        The object is not an image.
-    """
+# ----------------------------------------------------------------------------- images
+def _to_rgb8(im: "object") -> np.ndarray:
+    """A PIL image of any mode -> (H, W, 3) uint8 RGB, high bit depths scaled rather than clipped."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        finite = np.isfinite(a)
+        lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+        a = np.where(finite, a, 0.0)
+        # 16-bit modes are 16-bit data; otherwise judge by the range the values occupy
+        if mode.startswith("I;16"):
+            a = a / 257.0  # 65535 -> 255, and 257 * v -> v exactly (8-bit data stored in 16 bits)
+        elif mode == "F" and lo >= 0 and hi <= 1.0:
+            a = a * 255.0  # float in [0, 1]
+        elif lo >= 0 and hi <= 255:
+            pass  # already the 8-bit range
+        elif lo >= 0 and hi <= 65535:
+            a = a / 257.0  # 16-bit range held in a 32-bit or float image
+        else:  # negative or beyond 16 bits: stretch what is there
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _load(item: object, index: int, decode_side: "int | None",
+          max_pixels: int = MAX_IMAGE_PIXELS) -> "tuple[np.ndarray, int]":
+    """One image -> ((H, W, 3) uint8 RGB, integer reduction factor applied at decode time)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             with Image.open(path) as im:
-                # phone photographs are often stored sideways with an EXIF orientation tag
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8).copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+                w, h = im.size
+                k = max(1, max(w, h) // decode_side) if decode_side else 1
+                if k > 1 and im.format == "JPEG":
+                    # decode at 1/2, 1/4 or 1/8 in the DCT domain: a fraction of the time and memory
+                    im.draft("RGB", (math.ceil(w / k), math.ceil(h / k)))
+                kd = max(1, round(w / im.size[0]))
+                dw, dh = im.size
+                if dw * dh > max_pixels:
+                    raise InputFileError(
+                        f"image {path} is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels), over mriface's limit "
+                        f"of {max_pixels / 1e6:.0f} megapixels decoded: downscale it (or give a JPEG, "
+                        "which is decoded reduced)")
+                arr = _to_rgb8(ImageOps.exif_transpose(im))  # phones store sideways pictures with a tag
+            k2 = k // kd
+            if k2 > 1:  # formats without draft: integer box reduction after decoding
+                arr = np.asarray(Image.fromarray(arr).reduce(k2))
+            return np.ascontiguousarray(arr), kd * max(1, k2)
+        except Image.DecompressionBombError as exc:
             raise InputFileError(
-                f"cannot read image {path}: {exc}. Give a JPEG/PNG (anything Pillow opens)"
+                f"image {path} is too large to decode safely ({exc}); downscale it first"
+            ) from exc
+        except InputFileError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise InputFileError(
+                f"cannot read image {path}: {exc}. Give a JPEG/PNG/TIFF (anything Pillow opens; "
+                "8 or 16 bits per channel, or single-channel float)"
             ) from exc
     if isinstance(item, Image.Image):
-        return np.asarray(item.convert("RGB"), dtype=np.uint8).copy()
+        return _to_rgb8(item), 1
     arr = np.asarray(item)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
@@ -113,77 +207,192 @@ def load_image(item: object, index: int = 0) -> np.ndarray:
             f"image {index} has shape {arr.shape}: give (H, W, 3) RGB, a PIL image or a file path"
         )
     arr = arr[..., :3]
-    if arr.dtype != np.uint8:
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr / 257.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.floating):
-            raise MRIFaceError(f"image {index} has dtype {arr.dtype}: give uint8 or float in [0, 1]")
+            raise MRIFaceError(f"image {index} has dtype {arr.dtype}: give uint8, uint16 or float in [0, 1]")
         arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), 1
+
+
+def load_image(item: object, index: int = 0, *, decode_side: "int | None" = None) -> np.ndarray:
+    """One image as an (H, W, 3) uint8 RGB array.
+
+    Parameters
+    ----------
+    item : path-like, PIL.Image or numpy array
+        A path to any image file Pillow reads (turned upright by its EXIF
+        orientation tag); a PIL image (any mode); an array (H, W) grey,
+        (H, W, 3) RGB or (H, W, 4) RGBA, uint8, uint16 or float in [0, 1].
+        16-bit images (``I;16`` greyscale, 16-bit RGB) are scaled to 8 bits
+        (v / 257); single-channel float images by their range ([0, 1] x 255,
+        else [0, 255], else stretched), never clipped.
+    index : int
+        Position in the caller's list, for error messages.
+    decode_side : int, optional
+        Decode a file whose long side is larger reduced by an integer factor
+        (JPEG ``draft``, else ``reduce``), keeping the long side at least this.
+
+    Raises
+    ------
+    InputFileError
+        The file is missing, not an image, or would decode to more than
+        :data:`MAX_IMAGE_PIXELS` (checked from its header, before decoding).
+    MRIFaceError
+        The object is not an image.
+    """
+    return _load(item, index, decode_side)[0]
+
+
+# ----------------------------------------------------------------------------- geometry
+def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity transforms (rotation, uniform scale, shift) taking ``src`` onto ``dst``.
+
+    Umeyama's solution without reflection; in 2-D it has a closed form: with
+    points as complex numbers ``z`` (source) and ``w`` (target), centred,
+    ``c = sum(conj(z) w) / sum(|z|^2)`` and ``w ~ c (z - mean z) + mean w``.
+
+    Parameters
+    ----------
+    src, dst : torch.Tensor
+        (B, K, 2) and (K, 2) or (B, K, 2) point sets, K >= 2.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, 2, 3) matrices ``M`` with ``dst ~ M[:, :, :2] @ src + M[:, :, 2]``.
+    """
+    src = src.to(torch.float64)
+    dst = dst.to(torch.float64, device=src.device).expand_as(src)
+    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    s, d = src - ms, dst - md
+    n2 = (s ** 2).sum((1, 2))
+    a = (s[..., 0] * d[..., 0] + s[..., 1] * d[..., 1]).sum(1) / n2
+    b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(1) / n2
+    rot = torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1)  # (B, 2, 2)
+    t = md[:, 0] - (rot @ ms[:, 0, :, None])[..., 0]
+    return torch.cat([rot, t[..., None]], 2)
+
+
+def _warp_arcface(img: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) 0..255 images and (B, 5, 2) landmarks -> (B, 3, size, size) template-aligned crops.
+
+    Coordinates are pixel-centre based (pixel i spans [i - 0.5, i + 0.5]),
+    as insightface's template and OpenCV's ``warpAffine`` use them.
+    """
+    template = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64) * (size / 112.0)
+    m = similarity_transform(points, template)  # landmarks -> template
+    rot, t = m[:, :, :2], m[:, :, 2]
+    inv = torch.linalg.inv(rot)
+    idx = torch.arange(size, dtype=torch.float64, device=points.device)
+    gy, gx = torch.meshgrid(idx, idx, indexing="ij")
+    out_xy = torch.stack([gx, gy], -1).reshape(1, -1, 2)  # (1, S*S, 2) output pixel centres
+    src_xy = (out_xy - t[:, None, :]) @ inv.transpose(1, 2)  # (B, S*S, 2) source pixel centres
+    h, w = img.shape[-2:]
+    # grid_sample with align_corners=False: pixel centre i sits at (2i + 1) / n - 1
+    grid = torch.stack([(2 * src_xy[..., 0] + 1) / w - 1, (2 * src_xy[..., 1] + 1) / h - 1], -1)
+    grid = grid.reshape(-1, size, size, 2).to(img.dtype)
+    return torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class FaceAligner:
-    """Detect one face per image with MTCNN and cut the crop FaceNet expects.
+    """Detect one face per image with MTCNN and cut the crops the face models ask for.
 
     Parameters
     ----------
     device : str or torch.device
         ``"auto"`` = CUDA when present.
+    crops : sequence of CropSpec, optional
+        The crops to cut from each detection; the first becomes
+        ``Alignment.crops``, all are available from ``Alignment.crop_for``.
+        Default: one ``"box"`` crop of ``image_size`` pixels with FaceNet's
+        normalisation (FaceNet's crop at the default 160).
     image_size : int
-        Side of the square crop in pixels (FaceNet: 160).
+        Side of the default box crop in pixels (FaceNet: 160); ignored when
+        ``crops`` is given.
     margin : int
-        Pixels of the crop added around the detected box (facenet-pytorch's
-        convention), default :data:`DEFAULT_MARGIN`.
+        Pixels of a ``"box"`` crop added around the detected box
+        (facenet-pytorch's convention), default :data:`DEFAULT_MARGIN`.
     min_prob : float
         Minimum detection probability for a face (after MTCNN's own
         thresholds 0.6, 0.7, 0.7).
     select : {"largest", "probable"}
         Which face to keep when there are several (see module docstring).
     min_face_size : int
-        Smallest face MTCNN looks for, pixels.
+        Smallest face MTCNN looks for, pixels of the image it detects on.
     batch_size : int
         Most images of equal size detected together; fewer when they are
         large, so that a batch holds at most ``batch_pixels`` pixels (MTCNN's
         first stage allocates a few floats per pixel and pyramid level).
     batch_pixels : int
         Pixel budget of one detection batch (default 16 images of 512x512).
+    detect_side : int or None
+        Images whose long side is larger are detected on a copy downscaled
+        to this long side (see "Large photographs" above); None: never.
+    decode_side : int or None
+        Image files whose long side is larger are decoded reduced by an
+        integer factor, keeping the long side at least this; None: never.
 
     Examples
     --------
     >>> from mriface import datasets
-    >>> aligner = FaceAligner(device="cpu")
+    >>> from mriface.recognition import CropSpec
+    >>> arcface = CropSpec(112, "arcface", "arcface")
+    >>> aligner = FaceAligner(device="cpu", crops=(FaceAligner.default_crop(), arcface))
     >>> a = aligner.align([datasets.fetch("obama"), datasets.fetch("biden")])
-    >>> a.crops.shape, a.found.tolist()
-    (torch.Size([2, 3, 160, 160]), [True, True])
+    >>> a.crops.shape, a.found.tolist(), tuple(a.crop_for(arcface).shape), tuple(a.landmarks.shape)
+    (torch.Size([2, 3, 160, 160]), [True, True], (2, 3, 112, 112), (2, 5, 2))
     """
 
-    def __init__(self, *, device: "str | torch.device" = "auto", image_size: int = 160,
-                 margin: int = DEFAULT_MARGIN, min_prob: float = DEFAULT_MIN_PROB,
+    def __init__(self, *, device: "str | torch.device" = "auto", crops: "Sequence[CropSpec] | None" = None,
+                 image_size: int = 160, margin: int = DEFAULT_MARGIN, min_prob: float = DEFAULT_MIN_PROB,
                  select: str = "largest", min_face_size: int = 20, batch_size: int = 16,
-                 batch_pixels: int = 16 * 512 * 512) -> None:
+                 batch_pixels: int = 16 * 512 * 512, detect_side: "int | None" = 1024,
+                 decode_side: "int | None" = 1600) -> None:
         from facenet_pytorch import MTCNN
 
         if select not in ("largest", "probable"):
             raise MRIFaceError(f"select={select!r}: use 'largest' or 'probable'")
-        if not 0 <= margin < image_size:
-            raise MRIFaceError(f"margin={margin} must be in [0, image_size={image_size})")
+        if crops is None:
+            crops = (FACENET_CROP if image_size == FACENET_CROP.size else
+                     CropSpec(int(image_size), "box", FACENET_CROP.normalisation),)
+        crops = tuple(dict.fromkeys(crops))  # unique, in order
+        if not crops or not all(isinstance(c, CropSpec) for c in crops):
+            raise MRIFaceError(f"crops={crops!r}: give one or more CropSpec")
+        for c in crops:
+            if c.alignment == "box" and not 0 <= margin < c.size:
+                raise MRIFaceError(f"margin={margin} must be in [0, image_size={c.size})")
         if batch_size < 1:
             raise MRIFaceError(f"batch_size={batch_size} must be >= 1")
+        for name, v in (("detect_side", detect_side), ("decode_side", decode_side)):
+            if v is not None and v < 64:
+                raise MRIFaceError(f"{name}={v}: give at least 64 pixels, or None")
         self.device = resolve_device(device)
-        self.image_size = int(image_size)
+        self.crops = crops
+        self.image_size = crops[0].size
         self.margin = int(margin)
         self.min_prob = float(min_prob)
         self.select = select
         self.batch_size = int(batch_size)
         self.batch_pixels = int(batch_pixels)
-        self._mtcnn = MTCNN(image_size=image_size, margin=margin, min_face_size=min_face_size,
+        self.detect_side = detect_side
+        self.decode_side = decode_side
+        self._mtcnn = MTCNN(image_size=self.image_size, margin=margin, min_face_size=min_face_size,
                             select_largest=False, keep_all=True, device=self.device)
         self._mtcnn.eval()
+
+    @staticmethod
+    def default_crop() -> CropSpec:
+        """FaceNet's crop, the default: 160 px box with margin, ``(x - 127.5) / 128``."""
+        return FACENET_CROP
 
     # ------------------------------------------------------------------ inputs
     def _per_batch(self, h: int, w: int) -> int:
         return max(1, min(self.batch_size, self.batch_pixels // max(1, h * w)))
 
-    def _batches(self, images: object) -> "list[tuple[list[int], torch.Tensor]]":
-        """Group the inputs into (indices, (B, H, W, 3) float 0..255 tensor) of equal size."""
+    def _batches(self, images: object) -> "list[tuple[list[int], torch.Tensor, list[int]]]":
+        """Group the inputs into (indices, (B, H, W, 3) float 0..255 tensor, decode factors) of equal size."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise MRIFaceError(
@@ -192,48 +401,50 @@ class FaceAligner:
             x = images.detach()
             x = x.float() if x.dtype == torch.uint8 else x.float().clamp(0, 1) * 255.0
             n, step = x.shape[0], self._per_batch(x.shape[1], x.shape[2])
-            return [(list(range(i, min(i + step, n))), x[i:i + step]) for i in range(0, n, step)]
+            return [(list(range(i, min(i + step, n))), x[i:i + step], [1] * len(range(i, min(i + step, n))))
+                    for i in range(0, n, step)]
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
-        groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, np.ndarray, int]]] = {}
         for i, item in enumerate(images):
-            arr = load_image(item, i)
-            groups.setdefault(arr.shape[:2], []).append((i, arr))
+            arr, k = _load(item, i, self.decode_side)
+            groups.setdefault(arr.shape[:2], []).append((i, arr, k))
         out = []
         for (h, w), members in groups.items():
             step = self._per_batch(h, w)
             for j in range(0, len(members), step):
                 chunk = members[j:j + step]
-                x = torch.from_numpy(np.stack([a for _, a in chunk])).float()
-                out.append(([i for i, _ in chunk], x))
+                x = torch.from_numpy(np.stack([a for _, a, _ in chunk])).float()
+                out.append(([i for i, _, _ in chunk], x, [k for _, _, k in chunk]))
         return out
 
     # ------------------------------------------------------------------ core
-    def _select(self, boxes: object, probs: object) -> "tuple[np.ndarray | None, float, int]":
-        """Apply the face policy to one image's detections -> (box, prob, n_faces)."""
+    def _select(self, boxes: object, probs: object) -> "tuple[int | None, np.ndarray | None, float, int]":
+        """Apply the face policy to one image's detections -> (detection index, box, prob, n_faces)."""
         if boxes is None:
-            return None, float("nan"), 0
+            return None, None, float("nan"), 0
         b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         p = np.asarray(probs, dtype=np.float64).reshape(-1)
-        keep = p >= self.min_prob
+        keep = np.flatnonzero(p >= self.min_prob)
+        if len(keep) == 0:
+            return None, None, float("nan"), 0
         b, p = b[keep], p[keep]
-        if len(p) == 0:
-            return None, float("nan"), 0
         if self.select == "largest":
             area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             best = int(np.argmax(area))
         else:
             best = int(np.argmax(p))
-        return b[best], float(p[best]), int(len(p))
+        return int(keep[best]), b[best], float(p[best]), int(len(p))
 
-    def _crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Resample margin-expanded boxes of (B, H, W, 3) 0..255 images to standardised crops.
+    def _crop(self, x: torch.Tensor, boxes: torch.Tensor, spec: "CropSpec | None" = None) -> torch.Tensor:
+        """Margin-expanded boxes of (B, H, W, 3) 0..255 images -> normalised (B, 3, S, S) box crops."""
+        spec = spec or self.crops[0]
+        return spec.normalise(self._box_crop(x.permute(0, 3, 1, 2).contiguous(), boxes, spec.size))
 
-        ``boxes`` is (B, 4) pixels; returns (B, 3, S, S) float32.
-        """
+    def _box_crop(self, img: torch.Tensor, boxes: torch.Tensor, s: int) -> torch.Tensor:
+        """(B, 3, H, W) 0..255 images, (B, 4) boxes in pixels -> (B, 3, s, s) 0..255 crops."""
         from torchvision.ops import roi_align
 
-        s = self.image_size
         w = boxes[:, 2] - boxes[:, 0]
         h = boxes[:, 3] - boxes[:, 1]
         # facenet-pytorch: margin pixels of the output crop, scaled back to the input
@@ -241,9 +452,24 @@ class FaceAligner:
         my = self.margin * h / (s - self.margin) / 2
         rois = torch.stack([torch.arange(len(boxes), dtype=boxes.dtype, device=boxes.device),
                             boxes[:, 0] - mx, boxes[:, 1] - my, boxes[:, 2] + mx, boxes[:, 3] + my], 1)
-        img = x.permute(0, 3, 1, 2).contiguous()
-        crops = roi_align(img, rois, output_size=(s, s), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        return (crops - 127.5) / 128.0
+        return roi_align(img, rois, output_size=(s, s), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+    def _detect(self, x: torch.Tensor) -> "tuple[object, object, object, float, float]":
+        """MTCNN on a (B, H, W, 3) batch, downscaled first when larger than ``detect_side``.
+
+        Returns boxes, probabilities and landmarks per image (MTCNN's lists)
+        and the x and y factors that take detection pixels to ``x``'s pixels.
+        """
+        h, w = x.shape[1:3]
+        if self.detect_side is None or max(h, w) <= self.detect_side:
+            b, p, pts = self._mtcnn.detect(x, landmarks=True)
+            return b, p, pts, 1.0, 1.0
+        f = max(h, w) / self.detect_side
+        hd, wd = max(1, round(h / f)), max(1, round(w / f))
+        small = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), size=(hd, wd), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        b, p, pts = self._mtcnn.detect(small.permute(0, 2, 3, 1).contiguous(), landmarks=True)
+        return b, p, pts, w / wd, h / hd
 
     @torch.no_grad()
     def align(self, images: object) -> Alignment:
@@ -259,39 +485,57 @@ class FaceAligner:
         Returns
         -------
         Alignment
-            One row per input image, in input order.
+            One row per input image, in input order, with crops for every spec.
 
         Raises
         ------
         InputFileError
-            An image file cannot be read (the message names it).
+            An image file cannot be read or is too large (the message names it).
         """
         batches = self._batches(images)
-        n = sum(len(idx) for idx, _ in batches)
-        s = self.image_size
-        crops = torch.zeros((n, 3, s, s), dtype=torch.float32)
+        n = sum(len(idx) for idx, _, _ in batches)
+        crops = {spec: torch.zeros((n, 3, spec.size, spec.size), dtype=torch.float32) for spec in self.crops}
         found = torch.zeros(n, dtype=torch.bool)
         prob = torch.full((n,), float("nan"), dtype=torch.float32)
         boxes = torch.full((n, 4), float("nan"), dtype=torch.float32)
+        marks = torch.full((n, 5, 2), float("nan"), dtype=torch.float32)
         n_faces = torch.zeros(n, dtype=torch.int64)
-        for idx, x in batches:
+        for idx, x, factors in batches:
             x = x.to(self.device)
-            det_boxes, det_probs = self._mtcnn.detect(x)
-            keep_rows, keep_boxes = [], []
-            for row, (b, p) in enumerate(zip(det_boxes, det_probs)):
-                box, pr, count = self._select(b, p)
+            det_boxes, det_probs, det_points, sx, sy = self._detect(x)
+            keep_rows, keep_boxes, keep_points = [], [], []
+            for row, (b, p, pts) in enumerate(zip(det_boxes, det_probs, det_points)):
+                j, box, pr, count = self._select(b, p)
                 n_faces[idx[row]] = count
-                if box is not None:
-                    keep_rows.append(row)
-                    keep_boxes.append(box)
-                    found[idx[row]] = True
-                    prob[idx[row]] = pr
-                    boxes[idx[row]] = torch.as_tensor(box, dtype=torch.float32)
-            if keep_rows:
-                sel = torch.as_tensor(keep_rows, device=self.device)
-                kb = torch.as_tensor(np.stack(keep_boxes), dtype=torch.float32, device=self.device)
-                c = self._crop(x[sel], kb).float().cpu()
-                crops[torch.as_tensor([idx[r] for r in keep_rows])] = c
-        return Alignment(crops=crops, found=found, prob=prob, boxes=boxes, n_faces=n_faces)
+                if box is None:
+                    continue
+                # detection pixels -> pixels of the decoded image (x) -> pixels of the image as given
+                box = box * np.array([sx, sy, sx, sy])
+                pt = np.asarray(pts, dtype=np.float64).reshape(-1, 5, 2)[j] * np.array([sx, sy])
+                keep_rows.append(row)
+                keep_boxes.append(box)
+                keep_points.append(pt)
+                found[idx[row]] = True
+                prob[idx[row]] = pr
+                boxes[idx[row]] = torch.as_tensor(box * factors[row], dtype=torch.float32)
+                marks[idx[row]] = torch.as_tensor(pt * factors[row], dtype=torch.float32)
+            if not keep_rows:
+                continue
+            sel = torch.as_tensor(keep_rows, device=self.device)
+            dest = torch.as_tensor([idx[r] for r in keep_rows])
+            img = x[sel].permute(0, 3, 1, 2).contiguous()
+            kb = torch.as_tensor(np.stack(keep_boxes), dtype=torch.float32, device=self.device)
+            kp = torch.as_tensor(np.stack(keep_points), dtype=torch.float64, device=self.device)
+            raw: dict[tuple[int, str], torch.Tensor] = {}  # one resampling per geometry, shared by normalisations
+            for spec in self.crops:
+                key = (spec.size, spec.alignment)
+                if key not in raw:
+                    raw[key] = (self._box_crop(img, kb, spec.size) if spec.alignment == "box"
+                                else _warp_arcface(img, kp, spec.size))
+                crops[spec][dest] = spec.normalise(raw[key]).float().cpu()
+        first = self.crops[0]
+        return Alignment(crops=crops[first], found=found, prob=prob, boxes=boxes, n_faces=n_faces,
+                         landmarks=marks, specs=self.crops,
+                         extra_crops={s: c for s, c in crops.items() if s != first})
 
     __call__ = align

