@@ -70,3 +70,44 @@ def write_bytes_atomic(path: "str | os.PathLike[str]", data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def jsonable(obj: object) -> object:
+    """``obj`` with numpy, torch and pandas values made plain for :func:`json.dumps`.
+
+    Mappings get string keys, tuples become lists, arrays and tensors become
+    (nested) lists, numpy scalars Python scalars, paths strings, and a float
+    that is not finite becomes ``None`` (JSON has no NaN). The one JSON
+    sanitiser of mriface: summaries, cache metadata and match results use it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> jsonable({"rate": np.float32(0.5), "ci": (np.nan, 1.0), 3: np.arange(2)})
+    {'rate': 0.5, 'ci': [None, 1.0], '3': [0, 1]}
+    """
+    from collections.abc import Mapping
+
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "detach"):  # a torch tensor
+        obj = obj.detach().cpu().numpy()
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, pandas values
+        value = obj.tolist()
+        return jsonable(value) if isinstance(value, (list, tuple, dict)) else _finite_or_none(value)
+    return _finite_or_none(obj)
+
+
+def _finite_or_none(value: object) -> object:
+    """A float that is not finite becomes ``None``; anything else is returned as is."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

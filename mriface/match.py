@@ -57,7 +57,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, write_text_atomic
+from ._io import atomic_path, jsonable, write_text_atomic
 from .errors import MRIFaceError
 
 __all__ = [
@@ -290,22 +290,9 @@ class MatchResult:
             with atomic_path(path) as tmp:
                 df.to_csv(tmp, index=False)
             out[name] = path
-        text = json.dumps(_json_safe(self.summary), indent=2, allow_nan=False)
+        text = json.dumps(jsonable(self.summary), indent=2, allow_nan=False)
         out["summary"] = write_text_atomic(folder / "summary.json", text + "\n")
         return out
-
-
-def _json_safe(x: object) -> object:
-    """NaN -> None (strict JSON), numpy scalars -> python."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _rate(count: int, n: int) -> dict:

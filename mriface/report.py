@@ -20,7 +20,7 @@ import numpy as np
 
 from ._io import atomic_path, write_text_atomic
 
-__all__ = ["Rate", "ReportData", "exact_ci", "plot_cmc", "plot_rank_histogram", "write_report", "PUBLISHED"]
+__all__ = ["Rate", "ReportData", "plot_cmc", "plot_rank_histogram", "write_report", "PUBLISHED"]
 
 #: The published study's results, for comparison in every report.
 PUBLISHED = {
@@ -31,25 +31,6 @@ PUBLISHED = {
     "followup": "Schwarz et al., NeuroImage 2021;231:117845: 157 volunteers, 97% matched before "
                 "defacing; 28-38% after mri_deface, pydeface or fsl_deface",
 }
-
-
-def exact_ci(x: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Clopper-Pearson (exact binomial) confidence interval of ``x / n``.
-
-    Examples
-    --------
-    >>> lo, hi = exact_ci(70, 84)
-    >>> round(lo, 3), round(hi, 3)
-    (0.736, 0.906)
-    """
-    from scipy.stats import beta
-
-    if n <= 0:
-        return (math.nan, math.nan)
-    a = (1.0 - level) / 2.0
-    lo = 0.0 if x <= 0 else float(beta.ppf(a, x, n - x + 1))
-    hi = 1.0 if x >= n else float(beta.ppf(1.0 - a, x + 1, n - x))
-    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -63,7 +44,16 @@ class Rate:
 
     @classmethod
     def of(cls, x: int, n: int) -> "Rate":
-        lo, hi = exact_ci(x, n)
+        """``x`` of ``n`` with its Clopper-Pearson interval (:func:`mriface.match.clopper_pearson`).
+
+        Examples
+        --------
+        >>> Rate.of(70, 84).text()
+        '70/84 = 83% (95% CI 74-91%)'
+        """
+        from .match import clopper_pearson
+
+        lo, hi = clopper_pearson(x, n)
         return cls(int(x), int(n), lo, hi)
 
     @property

@@ -9,19 +9,27 @@ interpolation), replaces non-finite voxels and decides whether the scan is MR
 or CT. Anisotropic voxels are kept as they are here; surface extraction
 resamples them to an isotropic grid with cubic interpolation (see
 :mod:`mriface.surface`), so the volume stays the scanner's data.
+
+A folder, a ``.dcm``/``.ima`` file or any file with DICOM's magic bytes is
+read as a DICOM series by :mod:`mriface.dicom`. Before any voxel is decoded,
+the size the header promises is checked against a memory limit
+(:func:`check_volume_size`: ``max_volume_mb=`` or the environment variable
+``MRIFACE_MAX_VOLUME_MB``, default 2048 MiB of float32 voxels), so a damaged
+or hostile header is refused with a message instead of exhausting memory.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputFileError, VolumeError
 
-__all__ = ["Volume", "load_volume", "detect_modality", "MODALITIES"]
+__all__ = ["Volume", "load_volume", "detect_modality", "MODALITIES", "rotate_resample", "rotation_matrix"]
 
 #: accepted values of ``modality=``
 MODALITIES = ("auto", "mr", "ct")
@@ -101,11 +109,132 @@ def _read_image(path: Path):
 
     try:
         return nib.load(str(path))
+    except PermissionError as exc:
+        raise _permission_denied(path, exc) from exc
     except Exception as exc:  # nibabel raises many types for foreign files
         raise InputFileError(
             f"{path}: not a readable NIfTI (.nii/.nii.gz) or MGH/MGZ image "
             f"({type(exc).__name__}: {exc}); check the file and its extension"
         ) from exc
+
+
+def _permission_denied(path: Path, exc: OSError) -> InputFileError:
+    """The one message for a scan this user may not read (file or a folder above it)."""
+    return InputFileError(
+        f"{path}: permission denied: this user may not read it ({exc.strerror or exc}); "
+        "check the permissions of the file and of the folders above it (ls -l), "
+        "or run as a user who can read it")
+
+
+# --------------------------------------------------------------------------- memory guard
+#: environment variable holding the memory limit of :func:`check_volume_size`, in MiB
+MAX_VOLUME_ENV = "MRIFACE_MAX_VOLUME_MB"
+#: default limit on one decoded volume: 2 GiB of float32 voxels (512 Mi voxels, e.g. 512x512x2048
+#: CT slices); loading and reorienting briefly hold about three times as much
+DEFAULT_MAX_VOLUME_MB = 2048.0
+
+
+def volume_limit_mb(max_volume_mb: "float | None" = None) -> float:
+    """The memory limit in MiB: ``max_volume_mb``, else ``$MRIFACE_MAX_VOLUME_MB``, else 2048."""
+    value, source = max_volume_mb, "max_volume_mb"
+    if value is None:
+        raw = os.environ.get(MAX_VOLUME_ENV, "").strip()
+        if not raw:
+            return DEFAULT_MAX_VOLUME_MB
+        value, source = raw, MAX_VOLUME_ENV
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        mb = float("nan")
+    if not mb > 0 or mb == float("inf"):
+        raise VolumeError(f"{source}={value!r} is not a positive number of MiB; "
+                          f"give e.g. 8192, or unset {MAX_VOLUME_ENV} for the default {DEFAULT_MAX_VOLUME_MB:g}")
+    return mb
+
+
+def _size_text(n: int) -> str:
+    """Bytes in binary units for messages: ``'2 GiB'``, ``'101 TiB'``."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def check_volume_size(path, shape, *, max_volume_mb: "float | None" = None,
+                      what: str = "its header", note: str = "") -> None:
+    """Refuse a volume whose decoded float32 voxels would exceed the memory limit.
+
+    Called with the dimensions a header promises, before any voxel is
+    decoded, so that a damaged header (or a scan far larger than a head)
+    becomes a :class:`~mriface.errors.VolumeError` naming the file, the size
+    and the limit, not an out-of-memory crash.
+
+    Parameters
+    ----------
+    path : path-like
+        The scan, for the message.
+    shape : sequence of int
+        Voxel counts that will be decoded.
+    max_volume_mb : float, optional
+        Limit in MiB of float32 voxels; default ``$MRIFACE_MAX_VOLUME_MB`` or 2048.
+    what : str
+        What promises the shape (``"its header"``, a DICOM series label).
+    note : str
+        Added to the message (e.g. that the file is far too short for the header).
+
+    Examples
+    --------
+    >>> check_volume_size("head.nii", (256, 256, 256))
+    >>> check_volume_size("bad.nii", (30000, 30000, 30000))
+    Traceback (most recent call last):
+    ...
+    mriface.errors.VolumeError: bad.nii: its header claims 30000x30000x30000 voxels (2.7e+13), ...
+    """
+    import math
+
+    dims = [int(s) for s in shape]
+    count = math.prod(dims)  # Python ints: no overflow for absurd headers
+    need = 4 * count
+    limit_mb = volume_limit_mb(max_volume_mb)
+    limit = int(limit_mb * 2**20)
+    if need > limit:
+        raise VolumeError(
+            f"{path}: {what} claims {'x'.join(map(str, dims))} voxels ({count:.3g}), which would take "
+            f"{_size_text(need)} of memory as float32, more than the limit of {_size_text(limit)}"
+            f"{note}. If the scan really is that large, raise the limit: max_volume_mb= or the "
+            f"environment variable {MAX_VOLUME_ENV} (MiB), e.g. {MAX_VOLUME_ENV}="
+            f"{max(int(2 ** math.ceil(math.log2(need / 2**20 + 1))), 1)}; otherwise the header is damaged")
+
+
+def _check_header_size(img, path: Path, max_volume_mb: "float | None") -> None:
+    """Memory guard and a file-size check, from a nibabel image's header alone."""
+    import math
+
+    shape = tuple(int(s) for s in img.shape)
+    # _read_data decodes one 3D volume of a 4D image, and every voxel of anything larger
+    decoded = shape[:3] if len(shape) <= 4 else shape
+    note, short = "", None
+    try:  # uncompressed files: does the file hold the voxels its header promises?
+        proxy = img.dataobj
+        fname = img.file_map["image"].filename
+        if fname is not None and not str(fname).lower().endswith((".gz", ".mgz", ".bz2", ".zst")):
+            need = math.prod(int(s) for s in proxy.shape) * np.dtype(proxy.dtype).itemsize
+            have = max(0, os.path.getsize(fname) - int(proxy.offset))
+            if have < need:
+                short = (need, have, np.dtype(proxy.dtype))
+    except (AttributeError, KeyError, TypeError, ValueError, OSError):
+        short = None
+    if short is not None:
+        note = f"; the file holds only {_size_text(short[1])} of voxel data"
+    check_volume_size(path, decoded, max_volume_mb=max_volume_mb, note=note)
+    if short is not None:
+        need, have, dtype = short
+        raise InputFileError(
+            f"{path}: its header's dimensions {'x'.join(map(str, shape))} of {dtype} need "
+            f"{_size_text(need)} of voxel data, but the file holds only {_size_text(have)} after its "
+            "header: the file is truncated (copy or download it again) or its header is wrong")
 
 
 def _read_data(img, path: Path, volume_index: "int | None") -> np.ndarray:
@@ -143,6 +272,8 @@ def _read_data(img, path: Path, volume_index: "int | None") -> np.ndarray:
             data = np.asarray(img.dataobj).reshape(shape)
     except (VolumeError, InputFileError):
         raise
+    except PermissionError as exc:
+        raise _permission_denied(path, exc) from exc
     except Exception as exc:  # truncated gzip, short file, bad scaling ...
         raise InputFileError(
             f"{path}: could not read the voxel data ({type(exc).__name__}: {exc}); "
@@ -159,19 +290,27 @@ def load_volume(
     *,
     modality: str = "auto",
     volume_index: "int | None" = None,
+    max_volume_mb: "float | None" = None,
 ) -> Volume:
     """Read a head scan and return it in RAS+ canonical orientation.
 
     Parameters
     ----------
     path : str or path-like
-        A NIfTI (``.nii``, ``.nii.gz``) or FreeSurfer MGH/MGZ file.
+        A NIfTI (``.nii``, ``.nii.gz``) or FreeSurfer MGH/MGZ file, or a DICOM
+        series: a folder of DICOM files or one multi-frame DICOM file (see
+        :mod:`mriface.dicom`: largest 3D series, rescaled to HU for CT,
+        sheared affine under gantry tilt).
     modality : {"auto", "mr", "ct"}
         ``"auto"`` calls CT any scan whose intensities reach the Hounsfield
         range of air (1st percentile below -500); see :func:`detect_modality`.
     volume_index : int, optional
         Which volume of a 4D series to use (negative counts from the end).
         Required for 4D input with more than one volume.
+    max_volume_mb : float, optional
+        Refuse, before decoding, a volume whose float32 voxels would take more
+        than this many MiB. Default: the environment variable
+        ``MRIFACE_MAX_VOLUME_MB``, else 2048 (see :func:`check_volume_size`).
 
     Returns
     -------
@@ -183,10 +322,12 @@ def load_volume(
     Raises
     ------
     InputFileError
-        The file is missing, not an image nibabel can read, or truncated.
+        The file is missing, not permitted to read, not an image nibabel or
+        pydicom can read, or truncated (shorter than its header says).
     VolumeError
         Not 3D (2D, or 4D without ``volume_index``), constant (e.g. all zero),
-        or without any finite voxel.
+        without any finite voxel, larger than the memory limit, or a DICOM
+        series with a missing slice.
 
     Examples
     --------
@@ -195,18 +336,34 @@ def load_volume(
     >>> vol.shape, vol.zooms.tolist(), vol.modality  # doctest: +SKIP
     ((93, 115, 115), [2.0, 2.0, 2.0], 'mr')
     """
-    import nibabel as nib
+    from .dicom import is_dicom_file, read_dicom
 
     if modality not in MODALITIES:
         raise VolumeError(f"modality={modality!r} is not one of {MODALITIES}")
     p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except PermissionError as exc:  # a folder on the path may not be entered
+        raise _permission_denied(p, exc) from exc
+    if not exists:
         raise InputFileError(f"{p}: no such file; check the path")
-    if p.is_dir():
-        raise InputFileError(f"{p}: is a folder, not an image file; give a .nii, .nii.gz, .mgh or .mgz file")
-    img = _read_image(p)
-    data = _read_data(img, p, volume_index)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    if is_dir or is_dicom_file(p):
+        if volume_index is not None:
+            raise VolumeError(f"{p}: volume_index= applies to 4D NIfTI/MGH files; for a DICOM series "
+                              "put the one volume's files in a folder of their own")
+        data, affine, _ = read_dicom(p, max_volume_mb=max_volume_mb)
+    else:
+        img = _read_image(p)
+        _check_header_size(img, p, max_volume_mb)
+        data = _read_data(img, p, volume_index)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    return _to_volume(p, data, affine, modality)
+
+
+def _to_volume(p: Path, data: np.ndarray, affine: np.ndarray, modality: str) -> Volume:
+    """The checks every format shares, RAS+ canonical reorientation and the modality."""
+    import nibabel as nib
+
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(f"{p}: the voxel-to-world matrix (affine) is singular or not finite: {affine.tolist()}")
 
@@ -228,3 +385,103 @@ def load_volume(
     affine = np.asarray(canon.affine, dtype=np.float64)
     mod = detect_modality(data) if modality == "auto" else modality
     return Volume(data=data, affine=affine, modality=mod, path=p)
+
+
+# --------------------------------------------------------------------------- resampling
+def rotation_matrix(axis: Sequence[float], degrees: float) -> np.ndarray:
+    """3x3 rotation by ``degrees`` about ``axis`` (right-hand rule, world RAS+).
+
+    Examples
+    --------
+    >>> rotation_matrix((0, 0, 1), 90.0).round(6) @ [1.0, 0.0, 0.0]
+    array([0., 1., 0.])
+    """
+    import math
+
+    a = np.asarray(axis, float)
+    a = a / np.linalg.norm(a)
+    t = math.radians(degrees)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+
+
+def rotate_resample(src: "str | os.PathLike[str]", dest: "str | os.PathLike[str]", *,
+                    axis: Sequence[float] = (0, 0, 1), degrees: float = 12.0,
+                    voxel_mm: float = 1.2) -> Path:
+    """Write a copy of a scan rotated about its centre and resampled to another grid.
+
+    The head turns by ``degrees`` about ``axis`` (world RAS+) around the
+    centre of the scan's field of view, and is resampled with trilinear
+    interpolation (``scipy.ndimage.affine_transform``, order 1) onto an
+    axis-aligned grid of ``voxel_mm`` isotropic voxels covering the
+    original field of view. A re-identification method that works on
+    cohorts has to survive exactly this: other scanners, other head
+    positions, other voxel sizes.
+
+    Parameters
+    ----------
+    src, dest : path-like
+        Input scan (NIfTI/MGH) and output ``.nii`` / ``.nii.gz`` (written atomically).
+    axis : (3,) floats
+        Rotation axis in world RAS+.
+    degrees : float
+        Rotation angle.
+    voxel_mm : float
+        Output voxel size, mm.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dest``.
+    """
+    import math
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    from ._io import atomic_path
+
+    try:
+        img = nib.load(str(src))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a bad file
+        raise InputFileError(f"cannot read scan {src}: {exc}") from exc
+    while data.ndim > 3:
+        data = data[..., 0]
+    a_in = img.affine.astype(float)
+    corners = np.array([[i, j, k, 1.0] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
+                        for k in (0, data.shape[2] - 1)]) @ a_in.T
+    lo, hi = corners[:, :3].min(0), corners[:, :3].max(0)
+    center = (lo + hi) / 2
+    shape = tuple(int(math.ceil((hi[d] - lo[d]) / voxel_mm)) + 1 for d in range(3))
+    a_out = np.eye(4)
+    a_out[:3, :3] *= voxel_mm
+    a_out[:3, 3] = lo
+    rot = np.eye(4)
+    rot[:3, :3] = rotation_matrix(axis, degrees)
+    to_c, from_c = np.eye(4), np.eye(4)
+    to_c[:3, 3], from_c[:3, 3] = -center, center
+    # output voxel -> world -> undo the rotation -> input voxel: where to sample
+    inv_rot = from_c @ np.linalg.inv(rot) @ to_c
+    m = np.linalg.inv(a_in) @ inv_rot @ a_out
+    out = ndimage.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape,
+                                   order=1, mode="constant", cval=float(data.min()))
+    dtype = np.dtype(img.get_data_dtype())
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        out = np.clip(np.rint(out), info.min, info.max).astype(dtype)
+    else:
+        out = out.astype(np.float32)
+    dest = Path(dest)
+    new = nib.Nifti1Image(out, a_out)
+    new.set_qform(a_out, code=1)
+    new.set_sform(a_out, code=1)
+    suffix = ".nii.gz" if dest.name.endswith(".gz") else ".nii"
+    with atomic_path(dest) as tmp:
+        target = tmp.with_name(tmp.name + suffix)  # nibabel picks compression from the name
+        try:
+            nib.save(new, str(target))
+            os.replace(target, tmp)
+        finally:
+            target.unlink(missing_ok=True)
+    return dest

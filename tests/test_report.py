@@ -7,14 +7,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mriface.report import PUBLISHED, Rate, ReportData, exact_ci, plot_rank_histogram, write_report
+from mriface.report import PUBLISHED, Rate, ReportData, plot_rank_histogram, write_report
 
 
-def test_exact_ci_matches_the_binomial_tail_definition():
+def test_rate_ci_matches_the_binomial_tail_definition():
+    """Rate uses mriface's one Clopper-Pearson (match.clopper_pearson)."""
     from scipy.stats import binom
 
+    import mriface.report
+
+    assert not hasattr(mriface.report, "exact_ci")  # one implementation, in mriface.match
     for x, n in [(70, 84), (80, 84), (0, 10), (10, 10), (3, 7)]:
-        lo, hi = exact_ci(x, n)
+        r = Rate.of(x, n)
+        lo, hi = r.lo, r.hi
         # Clopper-Pearson: P(X >= x | lo) = 2.5% and P(X <= x | hi) = 2.5%
         if x > 0:
             assert binom.sf(x - 1, n, lo) == pytest.approx(0.025, abs=1e-6)

@@ -46,6 +46,8 @@ class FakePipeline(Pipeline):
     of i, with per-view noise; a defaced scan's renders show no face.
     """
 
+    dim = 512
+
     def __init__(self):
         super().__init__(device="cpu", backend="embree")
         self.calls = Counter()
@@ -138,9 +140,9 @@ def _stable_code_digest(request, monkeypatch):
     Its effect is tested on its own below; the real-stage tests use the real digest.
     """
     if "slow" not in request.keywords:
-        import mriface.study as study
+        import mriface.study.cache as cache
 
-        monkeypatch.setattr(study, "_code_digest", lambda *modules: "code:" + ",".join(modules))
+        monkeypatch.setattr(cache, "code_digest", lambda *modules: "code:" + ",".join(modules))
 
 
 def test_rerun_recomputes_nothing_and_a_changed_option_or_file_does(tmp_path):
@@ -175,18 +177,18 @@ def test_rerun_recomputes_nothing_and_a_changed_option_or_file_does(tmp_path):
 
 
 def test_changed_stage_code_misses_the_cache(tmp_path, monkeypatch):
-    import mriface.study as study
+    import mriface.study.cache as cache
 
     m = _cohort(tmp_path, 2)
     run_study(m, out=tmp_path / "out", views=2, size=32, progress=False, pipeline=FakePipeline())
-    monkeypatch.setattr(study, "_code_digest", lambda *modules: "other:" + ",".join(modules))
+    monkeypatch.setattr(cache, "code_digest", lambda *modules: "other:" + ",".join(modules))
     p = FakePipeline()
     r = run_study(m, out=tmp_path / "out", views=2, size=32, progress=False, pipeline=p)
     assert r.computed == 4 and p.calls["surface"] == 2  # a new surface code: surfaces too
     # the real digest follows the source files
     monkeypatch.undo()
-    assert study._code_digest("render") != study._code_digest("recognition")
-    assert len(study._code_digest("surface")) == 64
+    assert cache.code_digest("render") != cache.code_digest("recognition")
+    assert len(cache.code_digest("surface")) == 64
 
 
 def test_bad_inputs_are_counted_while_the_study_finishes(tmp_path):
@@ -335,7 +337,7 @@ def test_include_images_writes_renders_and_lists_them(tmp_path):
 # --------------------------------------------------------------------------- real stages
 def _voxface_cohort(tmp_path: Path, sample_path, n_copies: int = 2, defaced: bool = False) -> Path:
     """voxface plus rotated, resampled copies of it (and a defaced copy) as a manifest."""
-    from mriface.study import rotate_resample
+    from mriface.volume import rotate_resample
 
     head = sample_path("voxface")
     rows = ["subject,scan", f"vox,{head}"]
