@@ -43,11 +43,11 @@ STAGES = ("load", "surface", "render", "align", "embed")
 
 # --------------------------------------------------------------------------- synthetic cohort
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    from mriface.study import _rotation_matrix
+    from mriface.volume import rotation_matrix
 
     r = np.eye(3)
     for axis in np.eye(3):
-        r = _rotation_matrix(axis, float(rng.uniform(-max_deg, max_deg))) @ r
+        r = rotation_matrix(axis, float(rng.uniform(-max_deg, max_deg))) @ r
     return r
 
 

@@ -107,7 +107,8 @@ print("rank 1:", result.summary["rank1"])
 # resampled copies of themselves, as `mriface demo` does.
 
 # %%
-from mriface.study import prepare_demo_inputs, run_study
+from mriface.demo import prepare_demo_inputs
+from mriface.study import run_study
 
 manifest = prepare_demo_inputs(OUT / "inputs", HEADS)
 print(manifest.read_text())
