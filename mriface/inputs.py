@@ -203,6 +203,13 @@ def _resolve(value: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _is_dicom_folder(path: Path) -> bool:
+    """A folder that holds DICOM files is a scan: one series, read by :mod:`mriface.dicom`."""
+    from .dicom import is_dicom_folder
+
+    return is_dicom_folder(path)
+
+
 def _bids_label(name: str) -> str:
     """``"sub-01"`` -> ``"01"``; other names unchanged (for matching photo folders)."""
     return name[4:] if name.startswith("sub-") else name
@@ -273,10 +280,12 @@ def read_manifest(path: "str | Path") -> tuple[list[Scan], list[Scan], list[Prob
             continue
         seen[subject] = where
         scan_path = _resolve(scan_value, base)
-        if not scan_path.is_file():
+        if not (scan_path.is_file() or _is_dicom_folder(scan_path)):
+            what = ("is a folder without DICOM files; give a scan file or a folder of one DICOM series"
+                    if scan_path.is_dir() else "does not exist; fix the path")
             problems.append(Problem(
                 "missing_scan", where,
-                f"scan {scan_path} of subject {subject!r} does not exist; fix the path "
+                f"scan {scan_path} of subject {subject!r} {what} "
                 "(relative paths are relative to the manifest's folder)", subject))
             continue
         gallery.append(Scan(subject, scan_path.resolve(), None, where))
@@ -284,7 +293,7 @@ def read_manifest(path: "str | Path") -> tuple[list[Scan], list[Scan], list[Prob
             probe_value = (row.get(probe_col) or "").strip()
             if probe_value:
                 probe_path = _resolve(probe_value, base)
-                if probe_path.is_file():
+                if probe_path.is_file() or _is_dicom_folder(probe_path):
                     probes.append(Scan(subject, probe_path.resolve(), probe_col, where))
                 else:
                     problems.append(Problem(
