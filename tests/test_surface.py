@@ -11,6 +11,7 @@ from mriface.cli import main as cli_main
 from mriface.surface import (
     FaceFrame,
     HeadSurface,
+    crop_face,
     estimate_face_frame,
     estimate_threshold,
     marching_cubes_torch,
@@ -333,8 +334,6 @@ def test_ascii_ply_with_quads_and_flipped_winding(tmp_path, voxface_surface):
 
 
 def test_open_face_mesh_is_wound_outward_and_framed(tmp_path, voxface_surface):
-    from mriface.surface import crop_face
-
     face = crop_face(voxface_surface, behind_mm=30)
     assert mesh_topology(face.faces)["boundary_edges"] > 0  # open, like a 3D face scan
     inward = HeadSurface(face.verts, face.faces[:, ::-1].copy(), -face.normals, face.frame)
@@ -342,6 +341,101 @@ def test_open_face_mesh_is_wound_outward_and_framed(tmp_path, voxface_surface):
     assert (back.normals * face.normals).sum(1).mean() > 0.99
     assert _angle_deg(back.frame.forward, voxface_surface.frame.forward) < 5
     assert _angle_deg(back.frame.up, voxface_surface.frame.up) < 10
+
+
+#: RAS -> the y-up axes of 3D scanners and photogrammetry: x = subject's left
+#: (viewer's right), y = superior, z = anterior (out of the face); a rotation
+_RAS_TO_YUP = np.array([[-1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
+
+
+def _face_scan(surface: HeadSurface, *, tilt_deg: float = 0.0, behind_mm: float = 20.0):
+    """An open face-only mesh in three pieces, as a 3D face scanner would give it.
+
+    Cropped by a plane seen from ``tilt_deg`` below the face's forward (the
+    scanner's view), cut by two 4 mm strips (at the brow and below the mouth)
+    into separate pieces, the forehead's wound inside out. Returns (verts,
+    faces, outward vertex normals), RAS mm.
+    """
+    from mriface.surface.mesh import _compact
+
+    fr = surface.frame
+    t = np.deg2rad(tilt_deg)
+    view = np.cos(t) * fr.forward - np.sin(t) * fr.up
+    face = crop_face(HeadSurface(surface.verts, surface.faces, surface.normals,
+                                 FaceFrame(fr.center, view, fr.up)), behind_mm=behind_mm)
+    h = ((face.verts - fr.center) @ fr.up)[face.faces].mean(axis=1)
+    keep = ~((np.abs(h - 25) < 2) | (np.abs(h + 30) < 2))
+    verts, faces = _compact(face.verts, face.faces[keep])
+    normals = vertex_normals_np(verts, faces)
+    top = h[keep] > 27  # the forehead piece: all of it, nothing else
+    faces[top] = faces[top][:, ::-1]
+    return verts, faces, normals
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 25.0])
+def test_open_face_scan_in_pieces_with_y_up_axes_gets_its_frame(tmp_path, voxface_surface, tilt_deg):
+    import warnings
+
+    verts, faces, normals = _face_scan(voxface_surface, tilt_deg=tilt_deg)
+    topo = mesh_topology(faces, len(verts))
+    assert topo["components"] >= 3 and topo["boundary_edges"] > 0
+    # y-up, z-forward axes, moved off the origin
+    yup = (verts @ _RAS_TO_YUP.T + [30.0, 1200.0, -80.0]).astype(np.float32)
+    ref = HeadSurface(yup, faces, vertex_normals_np(yup, faces), voxface_surface.frame)
+    path = save_surface(ref, tmp_path / "face_scan.obj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a face was found and the axes recognised: no warning
+        got = load_surface(path)
+    true_fwd = _RAS_TO_YUP @ voxface_surface.frame.forward
+    true_up = _RAS_TO_YUP @ voxface_surface.frame.up
+    assert _angle_deg(got.frame.forward, true_fwd) < 15
+    assert _angle_deg(got.frame.up, true_up) < 15
+    # every piece wound outward, the inside-out one included
+    assert got.n_verts == len(verts)
+    assert (np.einsum("ij,ij->i", got.normals, normals @ _RAS_TO_YUP.T) > 0).mean() > 0.99
+    # the centre sits behind the face, near where the whole head's frame puts it
+    assert np.linalg.norm(got.frame.center - (_RAS_TO_YUP @ voxface_surface.frame.center + [30, 1200, -80])) < 15
+
+
+def test_open_face_scan_with_oblique_axes_warns(voxface_surface):
+    verts, faces, _ = _face_scan(voxface_surface)
+    R = rotation_about(0, 45.0)  # up half-way between the mesh's y and z axes
+    with pytest.warns(UserWarning, match="upside down is a guess"):
+        frame = estimate_face_frame((verts @ R.T).astype(np.float32), faces, axes="auto", closed=False)
+    # forward still comes from the nose
+    assert _angle_deg(frame.forward, R @ voxface_surface.frame.forward) < 15
+    # with the axes named, the sign follows them and nothing is guessed
+    frame = estimate_face_frame(verts @ _RAS_TO_YUP.T, faces, axes="y-up", closed=False)
+    assert _angle_deg(frame.up, _RAS_TO_YUP @ voxface_surface.frame.up) < 15
+    with pytest.raises(SurfaceError, match="axes"):
+        estimate_face_frame(verts, faces, axes="z-down")
+
+
+def test_faceless_y_up_mesh_falls_back_to_its_axes():
+    from mriface.render._synthetic import synthetic_head
+
+    s = synthetic_head(nose=False)
+    v = (s.verts @ _RAS_TO_YUP.T).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"no nose.*\+z \(forward\)"):
+        frame = estimate_face_frame(v, s.faces, axes="y-up")
+    assert _angle_deg(frame.forward, [0, 0, 1]) < 5 and _angle_deg(frame.up, [0, 1, 0]) < 5
+
+
+def test_is_mesh_file(tmp_path):
+    from mriface.surface import MESH_SUFFIXES, is_mesh_file
+
+    assert ".ply" in MESH_SUFFIXES
+    for name in ("a.obj", "b.PLY", "c.surf.gii", "surf/lh.seghead", "rh.pial"):
+        assert is_mesh_file(name), name
+    for name in ("a.nii", "a.nii.gz", "t1.mgz", "t1.MGH", "notes.txt", "lh.thickness"):
+        assert not is_mesh_file(name), name
+    # an unusual FreeSurfer surface name is told by its magic number
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)
+    nib_path = tmp_path / "sub01_scalp"
+    import nibabel as nib
+
+    nib.freesurfer.write_geometry(str(nib_path), v, np.array([[0, 1, 2]], np.int32))
+    assert is_mesh_file(nib_path)
 
 
 def test_gifti_and_freesurfer_surfaces(tmp_path, voxface_surface):
@@ -383,6 +477,21 @@ def test_load_surface_bad_inputs(tmp_path):
     p = tmp_path / "bad.ply"
     p.write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nend_header\n1\n")
     with pytest.raises(InputFileError) as e:
+        load_surface(p)
+    assert str(p) in str(e.value)
+    # a volume is not a mesh: the message names the file and says what to use
+    p = tmp_path / "t1.nii.gz"
+    p.write_bytes(b"not really")
+    with pytest.raises(InputFileError, match="load_volume") as e:
+        load_surface(p)
+    assert str(p) in str(e.value)
+    with pytest.raises(InputFileError, match="folder"):
+        load_surface(tmp_path)
+    # truncated binary PLY
+    p = tmp_path / "cut.ply"
+    p.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 10\nproperty float x\n"
+                  b"property float y\nproperty float z\nend_header\n\x00\x00")
+    with pytest.raises(InputFileError, match="could not read it as ply") as e:
         load_surface(p)
     assert str(p) in str(e.value)
 

@@ -83,7 +83,24 @@ def _symmetry_plane(points: np.ndarray, normals: np.ndarray, rng: np.random.Gene
     return best
 
 
-def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) -> FaceFrame:
+#: the mesh axis conventions ``estimate_face_frame(axes=...)`` knows: name ->
+#: (world axis index of anterior, of superior). "ras" is the scanner's world
+#: (x right, y anterior, z superior); "y-up" is what 3D-scanner,
+#: photogrammetry and graphics software write (x across, y up, z towards the
+#: viewer, i.e. out of the face).
+AXES = {"ras": (1, 2), "y-up": (2, 1)}
+#: an open mesh's area-weighted mean normal is taken as "roughly forward" when
+#: its length is at least this fraction of the total area (a face shell:
+#: ~0.5-0.8; a whole head with an open neck: ~0.1-0.2, pointing up)
+_SHELL_MIN = 0.35
+#: forward is searched within this angle of such a shell's mean normal
+_SHELL_MAX_DEG = 40.0
+#: up is taken from a mesh axis only when the up line lies within this angle of it
+_AXIS_MAX_DEG = 35.0
+
+
+def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0,
+                        axes: str = "ras", closed: bool = True) -> FaceFrame:
     """Locate the face on a head surface from its shape alone.
 
     1. Mirror symmetry: the head's best mirror plane is the mid-sagittal plane
@@ -93,24 +110,43 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) 
        reaches 18-35 mm to the side. Only at the nose does the midline stand
        out by 2-3 cm (the back and top of the head are round: < 1 cm; a cut
        neck is flat: 0). The direction of greatest protrusion is ``forward``;
-       the midline point furthest along it is the nose tip.
-    3. ``up`` lies in the mid-sagittal plane, orthogonal to ``forward``, and
-       points from the nose tip towards the surface's area centroid (the
-       cranium outweighs the jaw and neck).
+       the midline point furthest along it is the nose tip. For an open mesh
+       that faces one way (a face-only scan), only directions within 40
+       degrees of its mean normal are searched: the edges of a cropped face
+       stand out along the midline too.
+    3. ``up`` lies in the mid-sagittal plane, orthogonal to ``forward``. Its
+       sign: for a closed surface (a whole head) it points from the nose tip
+       towards the surface's area centroid (the cranium outweighs the jaw and
+       neck). An open mesh (a face scan, cropped anywhere) has no such
+       balance, so the mesh's own axes decide: ``up`` takes the positive
+       direction of the mesh's superior axis (``axes``); with
+       ``axes="auto"``, of whichever of the mesh's y and z axes the up line
+       lies within 35 degrees of (z: RAS, y: y-up). When neither fits, the
+       centroid decides and a warning says the sign is a guess.
     4. ``center`` is 15 mm above the nose tip and 5 mm behind the level of the
        cheeks, on the midline.
     5. No nose (the midline stands out less than 4.5 mm: defaced, or the face
-       cut off): a warning, and ``forward``/``up`` are the scanner's anterior
-       and superior axes projected into the symmetry plane.
+       cut off): a warning, and ``forward``/``up`` are the mesh's anterior
+       and superior axes (``axes``; RAS for ``"auto"``) projected into the
+       symmetry plane.
 
     Parameters
     ----------
     verts : numpy.ndarray
-        (V, 3) vertex positions, mm, world RAS+.
+        (V, 3) vertex positions, mm (world RAS+ for a scan's surface).
     faces : numpy.ndarray
         (F, 3) indices; points are sampled over the triangles by area.
     seed : int
         Seed of the point subsampling (the result is deterministic).
+    axes : {"ras", "y-up", "auto"}
+        Which of the mesh's axes are anterior and superior: ``"ras"`` (y, z;
+        a scan's world), ``"y-up"`` (z, y; 3D scanners, photogrammetry,
+        graphics) or ``"auto"`` (detected from the found up line, see 3).
+        Used only for an open mesh's ``up`` sign and for the no-nose
+        fallback; the face itself is found from the shape.
+    closed : bool
+        Whether the surface is closed (a whole head). ``False`` for a face
+        scan or any mesh with a boundary (see 2 and 3).
 
     Returns
     -------
@@ -119,8 +155,10 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) 
     Raises
     ------
     SurfaceError
-        Too few points, or no protrusion that could be a nose.
+        Too few points, no protrusion that could be a nose, or unknown ``axes``.
     """
+    if axes not in AXES and axes != "auto":
+        raise SurfaceError(f"axes={axes!r} is not one of 'ras', 'y-up', 'auto'")
     rng = np.random.default_rng(seed)
     v = np.asarray(verts, dtype=np.float64)
     if v.shape[0] < 100:
@@ -159,6 +197,12 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) 
     kern = np.exp(-0.5 * (np.arange(-6, 7) / 3.0) ** 2)
     kern /= kern.sum()
     prot_s = np.convolve(np.concatenate([prot[-6:], prot, prot[:6]]), kern, mode="valid")
+    if not closed:
+        shell = _shell_direction(v, f)
+        if shell is not None:
+            # a face-only shell: its cut edges (forehead, chin) stand out on
+            # the midline as much as a nose; search only the side it faces
+            prot_s = np.where(dirs @ shell >= np.cos(np.deg2rad(_SHELL_MAX_DEG)), prot_s, -np.inf)
     j = int(np.argmax(prot_s))
     # centre of the peak: directions whose protrusion is within 20% of the top
     near = np.flatnonzero(prot_s >= prot_s[j] - 0.2 * max(prot_s[j], 1e-9))
@@ -172,15 +216,53 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) 
     tip = mid[int(np.argmax(mid @ forward))]
     protrusion = float(tip @ forward - (lat @ forward).max())
     if protrusion < _MIN_NOSE_MM:
-        return _frame_without_nose(pts, n, p0, protrusion)
+        return _frame_without_nose(pts, n, p0, protrusion, "ras" if axes == "auto" else axes)
     up = np.cross(forward, n)
     up /= np.linalg.norm(up)
-    if (pts.mean(axis=0) - tip) @ up < 0:
-        up = -up
+    if closed:
+        if (pts.mean(axis=0) - tip) @ up < 0:
+            up = -up
+    else:
+        up = _open_mesh_up(up, pts, tip, axes)
     # put the tip on the symmetry plane before placing the centre
     tip_mid = tip - ((tip - p0) @ n) * n
     center = tip_mid + 15.0 * up - (protrusion + 5.0) * forward
     return FaceFrame(center=center.astype(np.float64), forward=forward, up=up)
+
+
+def _shell_direction(v: np.ndarray, f: np.ndarray) -> "np.ndarray | None":
+    """Unit area-weighted mean normal of an open mesh that faces one way, else None.
+
+    A closed surface's normals sum to zero; a whole head open only at the neck
+    sums to the neck's opening (pointing up, short); a face shell's sum is
+    long and points out of the face.
+    """
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    total = fn.sum(axis=0)
+    length = float(np.linalg.norm(total))
+    if length < _SHELL_MIN * float(np.linalg.norm(fn, axis=1).sum()):
+        return None
+    return total / length
+
+
+def _open_mesh_up(up: np.ndarray, pts: np.ndarray, tip: np.ndarray, axes: str) -> np.ndarray:
+    """The sign of an open mesh's ``up``: the positive direction of the mesh's superior axis."""
+    import warnings
+
+    if axes == "auto":
+        k = 1 + int(np.argmax(np.abs(up[1:])))  # y or z: whichever the up line is nearer
+    else:
+        k = AXES[axes][1]
+    if abs(up[k]) >= np.cos(np.deg2rad(_AXIS_MAX_DEG)):
+        return up if up[k] > 0 else -up
+    guess = up if (pts.mean(axis=0) - tip) @ up >= 0 else -up
+    warnings.warn(
+        f"open mesh: its up direction ({np.round(guess, 2).tolist()}) lies more than {_AXIS_MAX_DEG:g} degrees "
+        f"from the mesh's {'y and z axes' if axes == 'auto' else 'superior axis'}, so whether the face is "
+        "upside down is a guess (towards the mesh's centroid); reorient the mesh or pass axes='ras' or 'y-up'",
+        stacklevel=3,
+    )
+    return guess
 
 
 #: the nose tip stands 7-25 mm further out than anything 18-35 mm to the side
@@ -190,30 +272,34 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0) 
 _MIN_NOSE_MM = 4.5
 
 
-def _frame_without_nose(pts: np.ndarray, n: np.ndarray, p0: np.ndarray, protrusion: float) -> FaceFrame:
+def _frame_without_nose(pts: np.ndarray, n: np.ndarray, p0: np.ndarray, protrusion: float,
+                        axes: str = "ras") -> FaceFrame:
     """Frame of a head whose face is gone (defaced, or cut off by the field of view).
 
-    Nothing on the surface says where the face was, so the scanner's axes
-    decide within the mid-sagittal plane: ``forward`` is world anterior (+y)
-    and ``up`` world superior (+z), both projected into the plane; the
-    centre is where the skin along ``forward`` would be, 30 mm below the
-    top of the surface's midline reach, 15 mm inside. A warning says so.
+    Nothing on the surface says where the face was, so the mesh's axes
+    decide within the mid-sagittal plane: ``forward`` is its anterior axis
+    and ``up`` its superior axis (``axes``: world +y and +z for ``"ras"``,
+    +z and +y for ``"y-up"``), both projected into the plane; the centre is
+    where the skin along ``forward`` would be, at mid-height of the midline,
+    15 mm inside. A warning says so.
     """
     import warnings
 
+    ai, si = AXES[axes]
+    names = "scanner's anterior and superior axes" if axes == "ras" else "mesh's +z (forward) and +y (up) axes"
     warnings.warn(
         f"no nose found on the surface (midline protrudes {protrusion:.1f} mm, a face gives "
         f"> {_MIN_NOSE_MM:g} mm): defaced or face cut off? The face frame falls back to the "
-        "scanner's anterior and superior axes within the symmetry plane",
+        f"{names} within the symmetry plane",
         stacklevel=3,
     )
-    fwd = np.array([0.0, 1.0, 0.0]) - n[1] * n
+    fwd = np.eye(3)[ai] - n[ai] * n
     if np.linalg.norm(fwd) < 0.3:  # the symmetry plane faces anterior: keep its own axes
-        fwd = np.cross(n, [0.0, 0.0, 1.0])
+        fwd = np.cross(n, np.eye(3)[si])
     fwd /= np.linalg.norm(fwd)
     up = np.cross(fwd, n)
     up /= np.linalg.norm(up)
-    if up[2] < 0:
+    if up[si] < 0:
         up = -up
     mid = pts[np.abs((pts - p0) @ n) < 6.0]
     h = mid @ up

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputFileError, SurfaceError
 from .frame import estimate_face_frame
-from .mesh import _compact, _signed_volume, mesh_topology, vertex_normals_np
+from .mesh import _compact, _signed_volume, _wind_open_outward, mesh_topology, vertex_normals_np
 from .types import HeadSurface
 
 __all__ = ["load_surface", "save_surface", "is_mesh_file", "MESH_SUFFIXES"]
@@ -242,38 +242,57 @@ def _mesh_format(path: Path) -> str:
     return "unknown"
 
 
-def load_surface(path, *, seed: int = 0) -> HeadSurface:
-    """Read a head surface made elsewhere and locate its face.
+def load_surface(path, *, seed: int = 0, axes: str = "auto") -> HeadSurface:
+    """Read a head or face surface made elsewhere and locate its face.
 
     Parameters
     ----------
     path : str or path-like
         A Wavefront ``.obj``, a ``.ply`` (ascii or binary), a GIfTI surface
         (``.gii``) or a FreeSurfer triangle surface (e.g. ``lh.seghead``, no
-        extension). Coordinates are taken as millimetres in world RAS+.
-        Polygons are split into triangles.
+        extension). Coordinates are millimetres; vertices are kept as they
+        are in the file (no axis is swapped). Polygons are split into
+        triangles. The mesh may be a closed head or an open face scan in
+        several pieces.
     seed : int
         Seed of the face-frame point sampling.
+    axes : {"auto", "ras", "y-up"}
+        The mesh's axis convention: ``"ras"`` (x right, y anterior, z
+        superior: FreeSurfer, a scan's world), ``"y-up"`` (y up, z out of the
+        face: 3D scanners, photogrammetry, graphics) or ``"auto"`` (detected).
+        Only an open mesh's up/down and a face-less mesh's fallback frame
+        depend on it (:func:`estimate_face_frame`); ``docs/surface.md``.
 
     Returns
     -------
     HeadSurface
         Unused vertices dropped, winding made counter-clockwise from outside
-        (for a closed surface by its enclosed volume, else by pointing the
-        normals away from the centroid), vertex normals, face frame from
-        :func:`estimate_face_frame`.
+        (for a closed surface by its enclosed volume, else each connected
+        piece by pointing its normals away from the mesh's centroid), vertex
+        normals, face frame from :func:`estimate_face_frame`.
 
     Raises
     ------
     InputFileError
-        Missing, unknown format, or unreadable.
+        Missing, a volume rather than a mesh, unknown format, or unreadable;
+        the message names the file.
     SurfaceError
-        No triangles, or no face could be located.
+        No triangles, or no face could be located; the message names the file.
     """
     p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        raise InputFileError(f"{p}: is a folder, not a mesh file; give a .obj, .ply, .gii or FreeSurfer surface")
     if not p.is_file():
         raise InputFileError(f"{p}: no such file; check the path")
-    fmt = _mesh_format(p)
+    if p.name.lower().endswith(_VOLUME_SUFFIXES):
+        raise InputFileError(
+            f"{p}: is a volume (NIfTI/MGH), not a mesh; read it with mriface.load_volume and "
+            "mriface.extract_head_surface"
+        )
+    try:
+        fmt = _mesh_format(p)
+    except OSError as exc:
+        raise InputFileError(f"{p}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
     readers = {"obj": _read_obj, "ply": _read_ply, "gifti": _read_gifti, "freesurfer": _read_freesurfer}
     if fmt not in readers:
         raise InputFileError(
@@ -282,24 +301,26 @@ def load_surface(path, *, seed: int = 0) -> HeadSurface:
     try:
         verts, faces = readers[fmt](p)
     except Exception as exc:  # malformed files raise anything from ValueError to IndexError
-        raise InputFileError(f"{p}: could not read it as {fmt} ({type(exc).__name__}: {exc})") from exc
+        raise InputFileError(
+            f"{p}: could not read it as {fmt} ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from exc
     if verts is None or faces is None or len(faces) == 0 or len(verts) < 4:
-        raise SurfaceError(f"{p}: the mesh has no triangles")
+        raise SurfaceError(f"{p}: the mesh has no triangles; give a triangle or polygon mesh, not a point cloud")
     if faces.min() < 0 or faces.max() >= len(verts) or not np.all(np.isfinite(verts)):
         raise InputFileError(f"{p}: face indices point outside the vertex list, or coordinates are not finite")
     verts, faces = _compact(verts, faces)
     topo = mesh_topology(faces, len(verts))
-    if topo["boundary_edges"] == 0 and topo["nonmanifold_edges"] == 0:
-        flip = _signed_volume(verts, faces) < 0
+    closed = topo["boundary_edges"] == 0 and topo["nonmanifold_edges"] == 0
+    if closed:
+        if _signed_volume(verts, faces) < 0:
+            faces = faces[:, ::-1].copy()
     else:
-        # open surface (e.g. a 3D face scan): normals should point away from the centroid
-        fn = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
-        flip = float(np.einsum("ij,ij->", fn, verts[faces].mean(axis=1) - verts.mean(axis=0))) < 0
-    if flip:
-        faces = faces[:, ::-1].copy()
+        # open surface (e.g. a 3D face scan, maybe in pieces): each piece's
+        # normals should point away from the mesh's centroid
+        faces = _wind_open_outward(verts, faces)
     verts32 = verts.astype(np.float32)
     try:
-        frame = estimate_face_frame(verts32, faces, seed=seed)
+        frame = estimate_face_frame(verts32, faces, seed=seed, axes=axes, closed=closed)
     except SurfaceError as exc:
         raise SurfaceError(f"{p}: {exc}") from exc
     return HeadSurface(verts32, np.ascontiguousarray(faces, np.int64), vertex_normals_np(verts32, faces), frame)

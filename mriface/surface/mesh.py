@@ -87,6 +87,33 @@ def _compact(verts: np.ndarray, faces: np.ndarray):
     return verts[used], remap[faces]
 
 
+def _wind_open_outward(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Faces of an open mesh with each connected piece wound so that its normals point away from the centroid.
+
+    Each piece is flipped as a whole (its own winding is taken as
+    consistent): a face scan's pieces (face, ears, a separate chin) are all
+    seen from outside, and the mesh's centroid lies behind all of them.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = verts.shape[0]
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    adj = coo_matrix((np.ones(len(e), np.int8), (e[:, 0], e[:, 1])), shape=(n, n))
+    _, labels = connected_components(adj, directed=False)
+    v = verts.astype(np.float64)
+    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
+    out = np.einsum("ij,ij->i", fn, v[faces].mean(axis=1) - v.mean(axis=0))
+    face_label = labels[faces[:, 0]]
+    flip = np.bincount(face_label, weights=out, minlength=labels.max() + 1) < 0
+    if not flip.any():
+        return faces
+    faces = faces.copy()
+    sel = flip[face_label]
+    faces[sel] = faces[sel][:, ::-1]
+    return faces
+
+
 def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     """Volume enclosed by a closed mesh (mm^3): positive when faces are CCW from outside."""
     v = verts.astype(np.float64)
