@@ -120,3 +120,53 @@ def test_error_hierarchy_and_lazy_names():
         assert issubclass(getattr(mriface, name), MRIFaceError)
     with pytest.raises(AttributeError):
         mriface.no_such_thing  # noqa: B018
+
+
+def test_errors_also_inherit_the_builtin_they_mean(tmp_path):
+    """`except ValueError` / `except OSError` in a user's notebook still catches mriface's errors."""
+    from mriface import errors
+
+    means = {"InputFileError": OSError, "WeightsError": OSError, "DataUnavailableError": FileNotFoundError,
+             "VolumeError": ValueError, "SurfaceError": ValueError, "ManifestError": ValueError,
+             "BackendError": ValueError, "TransformError": ValueError}
+    for name, builtin in means.items():
+        cls = getattr(errors, name)
+        assert issubclass(cls, MRIFaceError) and issubclass(cls, builtin), name
+        exc = cls(f"x.nii: {name} (test); do this")
+        assert str(exc) == f"x.nii: {name} (test); do this"  # one argument: no errno parsing
+    from mriface.inputs import read_manifest
+
+    bad = tmp_path / "m.csv"
+    bad.write_text("name,where\nA,a.nii\n")
+    with pytest.raises(ValueError, match="lacks a subject column"):
+        read_manifest(bad)
+    with pytest.raises(FileNotFoundError):
+        datasets.fetch("no-such-sample")
+
+
+def test_every_fetched_file_has_a_licence_row():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "licences.md").read_text()
+    missing = [key for key in datasets.SAMPLES if f"`{key}`" not in text]
+    assert not missing, f"docs/licences.md has no row for {missing}"
+    licence = (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
+    assert "BSD 3-Clause" in licence and "the mriface developers" in licence
+
+
+def test_make_bench_runs_every_benchmark_module_quick_variant():
+    """`make bench` = benchmarks.run_all --small: every bench module has a quick variant it can run."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert "benchmarks.run_all --small" in (root / "Makefile").read_text()
+    sys.path.insert(0, str(root))
+    try:
+        from benchmarks import run_all
+    finally:
+        sys.path.remove(str(root))
+    names = run_all.modules()
+    assert {"bench_study", "bench_render", "bench_surface", "bench_recognition"} <= set(names)
+    assert all(run_all.quick_args(n) is not None for n in names), {n: run_all.quick_args(n) for n in names}
+    assert run_all.main(["--list"]) == 0
