@@ -227,8 +227,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="fast variant for CI (< 1 min)")
     ap.add_argument("--device", default="auto", help="gallery device: auto, cpu or cuda")
-    ap.add_argument("--backend", default="auto", help="gallery backend: auto (zbuffer on CUDA), zbuffer, pytorch3d or embree")
-    ap.add_argument("--peer", default="pytorch3d", help="gallery peer backend run in the same job ('none' to skip)")
+    from mriface.render import available_backends
+    from mriface.render.backends import describe_backends
+
+    ap.add_argument("--backend", default="auto", choices=["auto", *available_backends()],
+                    help=f"gallery backend: {describe_backends()}")
+    ap.add_argument("--peer", default="pytorch3d", choices=["none", *available_backends()],
+                    help="gallery peer backend run in the same job ('none' to skip)")
     ap.add_argument("--peer-subjects", type=int, default=None,
                     help="subjects the peer renders on the full mesh (default 20 on the full mesh, all 84 on capped "
                          "meshes; 1 with --small); renders/s is per render, so it stays comparable")

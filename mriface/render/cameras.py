@@ -22,12 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .tensor_batch import TensorBatch
+
 __all__ = ["Cameras", "look_at_face", "pixel_ndc"]
 
 
 @dataclass(frozen=True, eq=False)
-class Cameras:
+class Cameras(TensorBatch):
     """A batch of N perspective pinhole cameras with square images.
+
+    A :class:`~mriface.render.tensor_batch.TensorBatch`: ``len``, ``.to``,
+    indexing and ``Cameras.cat`` come from there.
 
     Attributes
     ----------
@@ -47,23 +52,6 @@ class Cameras:
     fov_deg: torch.Tensor
     znear: float = 1.0
     zfar: float = 10000.0
-
-    def __len__(self) -> int:
-        return int(self.R.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.R.device
-
-    def to(self, device) -> "Cameras":
-        """The same cameras on another device."""
-        return Cameras(self.R.to(device), self.T.to(device), self.fov_deg.to(device), self.znear, self.zfar)
-
-    def __getitem__(self, idx) -> "Cameras":
-        """A sub-batch (``idx`` a slice, index tensor or list)."""
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
-        return Cameras(self.R[idx], self.T[idx], self.fov_deg[idx], self.znear, self.zfar)
 
     def centers(self) -> torch.Tensor:
         """(N, 3) camera positions in world RAS+, mm (``-T @ R^T``)."""

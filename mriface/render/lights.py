@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .tensor_batch import TensorBatch
+
 __all__ = ["Lights", "Material", "kelvin_to_rgb"]
 
 
 @dataclass(frozen=True, eq=False)
-class Lights:
-    """Directional + ambient light for N images.
+class Lights(TensorBatch):
+    """Directional + ambient light for N images (a :class:`~mriface.render.tensor_batch.TensorBatch`).
 
     Attributes
     ----------
@@ -34,19 +36,10 @@ class Lights:
     color: torch.Tensor
     ambient: torch.Tensor
 
-    def __len__(self) -> int:
-        return int(self.direction.shape[0])
-
-    def to(self, device) -> "Lights":
-        return Lights(self.direction.to(device), self.color.to(device), self.ambient.to(device))
-
-    def __getitem__(self, idx) -> "Lights":
-        return Lights(self.direction[idx], self.color[idx], self.ambient[idx])
-
 
 @dataclass(frozen=True, eq=False)
-class Material:
-    """Skin material for N images.
+class Material(TensorBatch):
+    """Skin material for N images (a :class:`~mriface.render.tensor_batch.TensorBatch`).
 
     Attributes
     ----------
@@ -61,15 +54,6 @@ class Material:
     albedo: torch.Tensor
     specular: torch.Tensor
     shininess: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.albedo.shape[0])
-
-    def to(self, device) -> "Material":
-        return Material(self.albedo.to(device), self.specular.to(device), self.shininess.to(device))
-
-    def __getitem__(self, idx) -> "Material":
-        return Material(self.albedo[idx], self.specular[idx], self.shininess[idx])
 
 
 def kelvin_to_rgb(kelvin: torch.Tensor) -> torch.Tensor:

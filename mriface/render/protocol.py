@@ -19,9 +19,10 @@ import torch
 from ..errors import MRIFaceError
 from .cameras import Cameras, look_at_face
 from .lights import Lights, Material, kelvin_to_rgb
-from .rasterize import _device_for, concat_meshes, front_faces, rasterize, resolve_backend
-from .backend_embree import cast_hits
-from .shade import shade, shade_hits
+from .backends import Scene
+from .geometry import concat_meshes, front_faces
+from .rasterize import select_backend
+from .shade import shade
 
 __all__ = ["RenderProtocol", "RenderBatch", "render_views", "sample_view_params", "PARAM_COLUMNS"]
 
@@ -107,6 +108,38 @@ class RenderProtocol:
     background: tuple = (0.6, 0.6, 0.6)
     crop_behind_mm: "float | None" = None
     seed: int = 0
+
+    def with_overrides(self, **changes) -> "RenderProtocol":
+        """A copy with some fields changed; a value of None leaves its field as it is.
+
+        The command line's and ``run_study``'s ``--views``/``--size``/``--seed``
+        style options map onto this: unset options stay None. Counts and the
+        seed are made ints; ranges given as lists become tuples.
+
+        Examples
+        --------
+        >>> p = RenderProtocol().with_overrides(views=3, seed=None, azimuth_deg=[-40, 40])
+        >>> p.views, p.seed, p.azimuth_deg
+        (3, 0, (-40, 40))
+        >>> RenderProtocol().with_overrides(views=None) == RenderProtocol()
+        True
+        """
+        from dataclasses import fields, replace
+
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise MRIFaceError(f"RenderProtocol has no field {', '.join(unknown)}: use {', '.join(sorted(names))}")
+        set_ = {}
+        for name, value in changes.items():
+            if value is None:
+                continue
+            if name in ("views", "image_size", "seed"):
+                value = int(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            set_[name] = value
+        return replace(self, **set_) if set_ else self
 
     def __post_init__(self):
         if int(self.views) < 1:
@@ -299,19 +332,20 @@ def render_views(
         Heads in world RAS+ mm with their face frames.
     protocol : RenderProtocol
         Views, light, skin, image size, background and seed.
-    backend : {"auto", "zbuffer", "pytorch3d", "embree"}
-        "auto": zbuffer on CUDA, embree on the CPU.
+    backend : str
+        "auto" (zbuffer on CUDA, embree on the CPU) or a name in
+        :func:`~mriface.render.available_backends`.
     device : str or torch.device
-        'auto' = CUDA when present (the CPU for backend='embree').
+        'auto' = the backend's default device (CUDA when present; the CPU for embree).
     subject_ids : sequence of str, optional
         Ids for a sequence of surfaces (default "0", "1", ...). A subject's
         parameters depend only on ``protocol.seed`` and its id.
     progress : bool
         Show a tqdm bar over subjects.
     batch_images : int, optional
-        Images per rasterizer call (zbuffer and pytorch3d group whole subjects
-        up to this; default 80 on CUDA, one subject's views on the CPU) --
-        lower it if memory runs out.
+        Images per rasterizer call (backends that batch meshes, such as zbuffer
+        and pytorch3d, group whole subjects up to this; default 80 on CUDA, one
+        subject's views on the CPU) -- lower it if memory runs out.
     timings : dict, optional
         If given, seconds are added to its keys "setup", "rasterize" and
         "shade" (CUDA is synchronised around each stage).
@@ -325,14 +359,13 @@ def render_views(
         ``len(surfaces) * protocol.views`` images, subjects in the given
         order, views in order within each subject; tensors on the CPU.
     """
-    dev = _device_for(backend, device)
-    name = resolve_backend(backend, dev)
+    impl, dev = select_backend(backend, device)
     items = _as_items(surfaces, subject_ids)
     if not items:
         raise MRIFaceError("render_views: no surfaces given")
     if batch_images is None:
         batch_images = 80 if dev.type == "cuda" else protocol.views
-    per_batch = max(1, int(batch_images) // protocol.views) if name in ("pytorch3d", "zbuffer") else 1
+    per_batch = max(1, int(batch_images) // protocol.views) if impl.batches_meshes else 1
     t = timings if timings is not None else {}
     for k in ("setup", "rasterize", "shade"):
         t.setdefault(k, 0.0)
@@ -360,10 +393,7 @@ def render_views(
             f = f.index_select(0, front_faces(v, f, cams.centers()))
             verts_l.append(v); faces_l.append(f); normals_l.append(nrm)
             cams_l.append(cams); lights_l.append(lights); mats_l.append(mat)
-        cams = Cameras(torch.cat([c.R for c in cams_l]), torch.cat([c.T for c in cams_l]),
-                       torch.cat([c.fov_deg for c in cams_l]))
-        lights = Lights(*(torch.cat([getattr(x, a) for x in lights_l]) for a in ("direction", "color", "ambient")))
-        mat = Material(*(torch.cat([getattr(x, a) for x in mats_l]) for a in ("albedo", "specular", "shininess")))
+        cams, lights, mat = Cameras.cat(cams_l), Lights.cat(lights_l), Material.cat(mats_l)
         mesh_index = torch.arange(len(chunk)).repeat_interleave(protocol.views)
         _sync(dev)
         t1 = time.perf_counter()
@@ -373,21 +403,13 @@ def render_views(
             else:
                 v_all, f_all, _ = concat_meshes(verts_l, faces_l)
                 n_all = torch.cat(normals_l)
-            if name == "embree":
-                # only the covered pixels, as compact lists: no full-size fragments to fill and re-read
-                hits = cast_hits(verts_l, faces_l, mesh_index, cams, protocol.image_size)
-                _sync(dev)
-                t2 = time.perf_counter()
-                # one call over all hits: elementwise kernels then split the work exactly as shade() would,
-                # so the images are bit-identical to shading full fragments
-                img = shade_hits(hits.pixel, hits.face, hits.bary, len(cams), protocol.image_size, v_all, f_all,
-                                 n_all, cams, lights, mat, background=protocol.background)
-            else:
-                frags = rasterize(verts_l, faces_l, cams, protocol.image_size, backend=name,
-                                  mesh_index=mesh_index, device=dev)
-                _sync(dev)
-                t2 = time.perf_counter()
-                img = shade(frags, v_all, f_all, n_all, cams, lights, mat, background=protocol.background)
+            # only the covered pixels, as compact lists: no full-size fragments to fill and re-read
+            hits = impl.hits(Scene(tuple(verts_l), tuple(faces_l), mesh_index, cams, protocol.image_size))
+            _sync(dev)
+            t2 = time.perf_counter()
+            # one call over all hits: elementwise kernels then split the work exactly as shading
+            # full fragments would, so the images are bit-identical to shade(rasterize(...))
+            img = shade(hits, v_all, f_all, n_all, cams, lights, mat, background=protocol.background)
             images.append(img if out_device is None else img.to(out_device))
             _sync(dev)
             t3 = time.perf_counter()
@@ -407,13 +429,5 @@ def render_views(
     for (sid, p), fr in zip(all_params, frames):
         c, l, m = scene_from_params(fr, p, device="cpu")
         cams_cpu.append(c); lights_cpu.append(l); mat_cpu.append(m)
-    return RenderBatch(
-        images=torch.cat(images),
-        subjects=subjects,
-        view=view,
-        params=params,
-        cameras=Cameras(torch.cat([c.R for c in cams_cpu]), torch.cat([c.T for c in cams_cpu]),
-                        torch.cat([c.fov_deg for c in cams_cpu])),
-        lights=Lights(*(torch.cat([getattr(x, a) for x in lights_cpu]) for a in ("direction", "color", "ambient"))),
-        material=Material(*(torch.cat([getattr(x, a) for x in mat_cpu]) for a in ("albedo", "specular", "shininess"))),
-    )
+    return RenderBatch(images=torch.cat(images), subjects=subjects, view=view, params=params,
+                       cameras=Cameras.cat(cams_cpu), lights=Lights.cat(lights_cpu), material=Material.cat(mat_cpu))

@@ -13,15 +13,17 @@ import torch
 
 from .cameras import Cameras
 from .lights import Lights, Material
-from .rasterize import Fragments
+from .fragments import Fragments, Hits, fragments_to_hits
 
-__all__ = ["shade", "shade_hits", "shade_points", "image_table", "compose", "vertex_normals"]
+__all__ = ["shade", "shade_hits", "shade_points", "image_table", "compose", "vertex_normals_torch"]
 
 _GAMMA = 1.0 / 2.2
 
 
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals (V, 3) of a mesh, differentiable w.r.t. ``verts``.
+def vertex_normals_torch(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals (V, 3) of a mesh, in torch, differentiable w.r.t. ``verts``.
+
+    The numpy twin for files and surfaces is :func:`mriface.surface.vertex_normals_np`.
 
     ``faces`` (F, 3) int64 counter-clockwise from outside, so normals point out.
     """
@@ -32,7 +34,7 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 
 def shade(
-    fragments: Fragments,
+    fragments: "Fragments | Hits",
     verts: torch.Tensor,
     faces: torch.Tensor,
     normals: "torch.Tensor | None",
@@ -46,11 +48,13 @@ def shade(
 
     Parameters
     ----------
-    fragments : Fragments
-        N images of side S; ``pix_to_face`` indexes ``faces``.
+    fragments : Fragments or Hits
+        N images of side S, as full-size fragments (``pix_to_face`` indexes
+        ``faces``) or as the covered pixels only (a backend's hits, shaded
+        without building full-size fragments; the same images either way).
     verts : torch.Tensor
         (V, 3) world RAS+ mm (the concatenated vertices when several meshes
-        were rasterized together, see :func:`~mriface.render.rasterize.concat_meshes`).
+        were rasterized together, see :func:`~mriface.render.concat_meshes`).
     faces : torch.Tensor
         (F, 3) int64.
     normals : torch.Tensor or None
@@ -71,12 +75,9 @@ def shade(
         (N, S, S, 3) sRGB in [0, 1], dtype of ``verts`` (float32 normally), on the fragments' device;
         differentiable w.r.t. verts, normals, lights and material.
     """
-    n, s = fragments.pix_to_face.shape[:2]
-    # index_select on flat tensors: much faster than advanced indexing on the CPU
-    p2f = fragments.pix_to_face.reshape(n * s * s)
-    covered = torch.nonzero(p2f >= 0).flatten()
-    return shade_hits(covered, p2f.index_select(0, covered), fragments.bary.reshape(n * s * s, 3).index_select(0, covered),
-                      n, s, verts, faces, normals, cameras, lights, material, background=background)
+    hits = fragments if isinstance(fragments, Hits) else fragments_to_hits(fragments)
+    return shade_hits(hits.pixel, hits.face, hits.bary, hits.n_images, hits.image_size, verts, faces, normals,
+                      cameras, lights, material, background=background)
 
 
 def shade_hits(
@@ -97,9 +98,8 @@ def shade_hits(
     """Colour the covered pixels given as compact lists; the rest get the background.
 
     The core of :func:`shade` (which gathers these lists from its
-    fragments); a backend that already has them (embree's
-    :func:`~mriface.render.backend_embree.cast_hits`) skips building full-size
-    fragments. Same result as :func:`shade` on the equivalent fragments.
+    fragments, or takes them from a backend's :class:`~mriface.render.Hits`).
+    Same result as :func:`shade` on the equivalent fragments.
 
     Parameters
     ----------
@@ -125,7 +125,7 @@ def shade_hits(
     verts = verts.to(dev)
     dt = verts.dtype if verts.is_floating_point() else torch.float32
     if normals is None:
-        normals = vertex_normals(verts, faces)
+        normals = vertex_normals_torch(verts, faces)
     normals = normals.to(dev, dt)
     table = image_table(cameras, lights, material, dev, dt)
     view = torch.div(pixel, s * s, rounding_mode="floor")

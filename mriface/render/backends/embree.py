@@ -16,8 +16,7 @@ builds the BVH while holding the GIL, so :func:`build_bvh` hands it only the
 vertices the (back-face culled) faces use; tracing releases the GIL, so
 :func:`cast_hits` splits the rays into bands of rows traced by one thread per
 core, each band generating its own rays and keeping only its hits. The
-renderer then shades just those hits (:func:`~mriface.render.shade.shade_hits`)
-instead of full-size fragments.
+renderer then shades just those hits instead of full-size fragments.
 """
 
 from __future__ import annotations
@@ -31,11 +30,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import BackendError
-from .cameras import Cameras
-from .rasterize import Fragments, front_faces, ray_triangle_hits  # noqa: F401 - re-exported here too
+from ...errors import BackendError
+from ..cameras import Cameras
+from ..fragments import Hits
+from ..geometry import front_faces, ray_triangle_hits
+from .base import Scene
 
-__all__ = ["EmbreeMesh", "Hits", "build_bvh", "cast_hits", "rasterize_embree", "ray_triangle_hits"]
+__all__ = ["EmbreeBackend", "EmbreeMesh", "build_bvh", "cast_hits"]
 
 
 @dataclass(eq=False)
@@ -133,44 +134,18 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-@dataclass(frozen=True, eq=False)
-class Hits:
-    """The covered pixels of N images of side S, as compact arrays (no background pixels).
-
-    Attributes
-    ----------
-    pixel : torch.Tensor
-        (M,) int64 flat index ``view * S * S + row * S + col``, increasing.
-    face : torch.Tensor
-        (M,) int64 hit row of the mesh's ``faces`` (of the concatenated faces for several meshes).
-    bary : torch.Tensor
-        (M, 3) barycentric weights of the triangle's vertices 0, 1, 2.
-    depth : torch.Tensor
-        (M,) camera-space depth ``z_cam``, mm.
-    """
-
-    pixel: torch.Tensor
-    face: torch.Tensor
-    bary: torch.Tensor
-    depth: torch.Tensor
-
-
 def cast_hits(
-    verts_list: Sequence[torch.Tensor],
-    faces_list: Sequence[torch.Tensor],
-    mesh_index: torch.Tensor,
-    cameras: Cameras,
-    image_size: int,
+    scene: Scene,
     *,
     bvh: "Sequence[EmbreeMesh] | None" = None,
     cull_backfaces: bool = False,
     threads: "int | None" = None,
     _keep_dirs: bool = False,
 ):
-    """Cast one primary ray per pixel centre and return only the hits (see :class:`Hits`).
+    """Cast one primary ray per pixel centre and return only the hits, as Embree reports them.
 
-    Parameters as :func:`rasterize_embree`; ``threads`` (default: every CPU
-    core) trace rays in parallel. No gradients (see :func:`rasterize_embree`).
+    Options as :meth:`EmbreeBackend.hits`. No gradients: float32 barycentrics
+    and depth straight from Embree.
 
     Returns
     -------
@@ -178,10 +153,11 @@ def cast_hits(
         Sorted by pixel. With ``_keep_dirs`` also (M, 3) float32 numpy ray
         directions and (M,) int64 mesh of each hit, for the gradient path.
     """
+    verts_list, faces_list, mesh_index, cameras = scene.verts_list, scene.faces_list, scene.mesh_index, scene.cameras
     dev = cameras.device
     if dev.type != "cpu":
         raise BackendError(f"backend='embree' runs on the CPU only (got device {dev}): use backend='zbuffer' on CUDA")
-    s = image_size
+    s = scene.image_size
     face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
     centers = cameras.centers()
     R64 = cameras.R.detach().double().numpy()
@@ -195,13 +171,13 @@ def cast_hits(
             views = torch.nonzero(mesh_index == m).flatten().tolist()
             keep = None
             if bvh is not None:
-                scene = bvh[m]
+                mesh_bvh = bvh[m]
             elif cull_backfaces:
                 keep_t = front_faces(verts_list[m], faces_list[m], centers[views])
                 keep = keep_t.numpy()
-                scene = build_bvh(verts_list[m], faces_list[m].index_select(0, keep_t))
+                mesh_bvh = build_bvh(verts_list[m], faces_list[m].index_select(0, keep_t))
             else:
-                scene = build_bvh(verts_list[m], faces_list[m])
+                mesh_bvh = build_bvh(verts_list[m], faces_list[m])
             # only pixels inside the mesh's projected bounding box can be hit: cast rays there only
             boxes = _pixel_boxes(verts_list[m], faces_list[m], cameras[views], s)
             tasks = []
@@ -213,13 +189,12 @@ def cast_hits(
                 step = max(1, -(-_MIN_RAYS_PER_TASK * 2 // (c1 - c0)))
                 for a in range(r0, r1, step):
                     tasks.append((vi, a, min(a + step, r1), c0, c1))
-            rays = functools.partial(_trace_band, scene, keep, int(face_offset[m]), R64, th64, c64, ndc, s,
+            rays = functools.partial(_trace_band, mesh_bvh, keep, int(face_offset[m]), R64, th64, c64, ndc, s,
                                      _keep_dirs)
             parts.extend((*res, m) for res in pool.map(rays, tasks) if res[0].shape[0])
     if not parts:
-        empty = torch.zeros(0, dtype=torch.int64)
-        hits = Hits(empty, empty.clone(), torch.zeros((0, 3)), torch.zeros(0))
-        return (hits, np.zeros((0, 3), np.float32), empty.numpy()) if _keep_dirs else hits
+        hits = scene.empty_hits(torch.float32)
+        return (hits, np.zeros((0, 3), np.float32), np.zeros(0, np.int64)) if _keep_dirs else hits
     pix = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     order = None
     if len(parts) > 1 and not bool((pix[1:] > pix[:-1]).all()):
@@ -232,7 +207,7 @@ def cast_hits(
             torch.from_numpy(np.concatenate([p[i] for p in parts]))
         return x if order is None else x[order]
 
-    hits = Hits(pix, cat(1), cat(2), cat(3))
+    hits = Hits(pix, cat(1), cat(2), cat(3), scene.n_images, s)
     if not _keep_dirs:
         return hits
     mesh_of = np.concatenate([np.full(p[0].shape[0], p[5], np.int64) for p in parts])
@@ -273,69 +248,73 @@ def _trace_band(scene: EmbreeMesh, keep, face_offset: int, R64, th64, c64, ndc, 
     return pix, fid, bary, hit["tfar"][idx], (d[idx] if keep_dirs else None)
 
 
-def rasterize_embree(
-    verts_list: Sequence[torch.Tensor],
-    faces_list: Sequence[torch.Tensor],
-    mesh_index: torch.Tensor,
-    cameras: Cameras,
-    image_size: int,
-    *,
-    bvh: "Sequence[EmbreeMesh] | None" = None,
-    cull_backfaces: bool = False,
-    threads: "int | None" = None,
-) -> Fragments:
-    """Embree implementation of :func:`mriface.render.rasterize`.
+class EmbreeBackend:
+    """Ray casting with Embree on every CPU core (this module's docstring says how); CPU only.
 
-    Parameters
-    ----------
-    verts_list, faces_list : per-mesh (V_m, 3) float and (F_m, 3) int64 tensors.
-    mesh_index : (N,) int64 mesh seen by each camera.
-    cameras : N cameras; image_size : S.
-    bvh : optional list of prebuilt :class:`EmbreeMesh`, one per mesh, to
-        skip rebuilding (the vertex positions must not have moved).
-    cull_backfaces : bool
-        Leave out of the BVH every triangle that faces away from all of the
-        mesh's cameras. Exact for closed, outward-oriented surfaces (a ray
-        from outside first meets a triangle facing it) and it roughly halves
-        BVH build and ray time for heads; wrong for open meshes seen from
-        inside. Ignored when ``bvh`` is given.
-    threads : int, optional
-        Threads tracing rays (default: every CPU core).
+    One subject per call (one BVH per mesh, built once for all its views).
+    Options of :meth:`hits`: ``bvh``, ``cull_backfaces``, ``threads``.
     """
-    n, s = len(cameras), image_size
-    needs_grad = torch.is_grad_enabled() and (
-        any(v.requires_grad for v in verts_list) or cameras.R.requires_grad or cameras.T.requires_grad
-    )
-    # float64 vertices give float64 barycentrics (useful for finite-difference checks)
-    dtype = torch.float64 if needs_grad and any(v.dtype == torch.float64 for v in verts_list) else torch.float32
-    out = cast_hits(verts_list, faces_list, mesh_index, cameras, s, bvh=bvh, cull_backfaces=cull_backfaces,
-                    threads=threads, _keep_dirs=needs_grad)
-    hits = out[0] if needs_grad else out
-    pix_to_face = torch.full((n * s * s,), -1, dtype=torch.int64)
-    pix_to_face.index_copy_(0, hits.pixel, hits.face)
-    depth = torch.full((n * s * s,), -1.0, dtype=dtype)
-    bary = torch.zeros((n * s * s, 3), dtype=dtype)
-    if needs_grad and hits.pixel.shape[0]:
-        _, dirs, mesh_of = out
-        face_offset = np.cumsum([0] + [int(f.shape[0]) for f in faces_list])
+
+    name = "embree"
+    default_device = "cpu"
+    batches_meshes = False
+
+    def hits(
+        self,
+        scene: Scene,
+        *,
+        bvh: "Sequence[EmbreeMesh] | None" = None,
+        cull_backfaces: bool = False,
+        threads: "int | None" = None,
+    ) -> Hits:
+        """Visible triangle, barycentrics and depth of every covered pixel.
+
+        Parameters
+        ----------
+        scene : Scene
+            On the CPU.
+        bvh : optional list of prebuilt :class:`EmbreeMesh`, one per mesh, to
+            skip rebuilding (the vertex positions must not have moved).
+        cull_backfaces : bool
+            Leave out of the BVH every triangle that faces away from all of the
+            mesh's cameras. Exact for closed, outward-oriented surfaces (a ray
+            from outside first meets a triangle facing it) and it roughly halves
+            BVH build and ray time for heads; wrong for open meshes seen from
+            inside. Ignored when ``bvh`` is given.
+        threads : int, optional
+            Threads tracing rays (default: every CPU core).
+
+        Returns
+        -------
+        Hits
+            float32 barycentrics and depth from Embree; when
+            ``scene.requires_grad()``, recomputed in torch from the hit triangles
+            and the traced rays (float64 if a vertex tensor is float64), so
+            they are differentiable w.r.t. the vertices away from silhouettes.
+        """
+        needs_grad = scene.requires_grad()
+        out = cast_hits(scene, bvh=bvh, cull_backfaces=cull_backfaces, threads=threads, _keep_dirs=needs_grad)
+        if not needs_grad:
+            return out
+        hits, dirs, mesh_of = out
+        # float64 vertices give float64 barycentrics (useful for finite-difference checks)
+        dtype = scene.dtype
+        if not hits.pixel.shape[0]:
+            return scene.empty_hits(dtype)
+        s = scene.image_size
         view = torch.div(hits.pixel, s * s, rounding_mode="floor")
-        centers = cameras.centers()
+        centers = scene.cameras.centers()
         b_parts, t_parts, rows = [], [], []
         for m in np.unique(mesh_of).tolist():
             sel = torch.from_numpy(np.flatnonzero(mesh_of == m))
             b, tt = ray_triangle_hits(
-                verts_list[m].to(dtype), faces_list[m], hits.face[sel] - int(face_offset[m]),
+                scene.verts_list[m].to(dtype), scene.faces_list[m], hits.face[sel] - scene.face_offsets[m],
                 centers[view[sel]].to(dtype), torch.from_numpy(dirs[sel.numpy()]).to(dtype),
             )
-            b_parts.append(b); t_parts.append(tt); rows.append(hits.pixel[sel])
-        # out-of-place scatter so autograd tracks it
-        pr = torch.cat(rows)
-        bary = bary.index_put((pr,), torch.cat(b_parts))
-        depth = depth.index_put((pr,), torch.cat(t_parts))
-    else:
-        bary.index_copy_(0, hits.pixel, hits.bary.to(dtype))
-        depth.index_copy_(0, hits.pixel, hits.depth.to(dtype))
-    return Fragments(pix_to_face.reshape(n, s, s), bary.reshape(n, s, s, 3), depth.reshape(n, s, s))
+            b_parts.append(b); t_parts.append(tt); rows.append(sel)
+        # back into pixel order (a permutation: gradients pass unchanged)
+        back = torch.argsort(torch.cat(rows))
+        return Hits(hits.pixel, hits.face, torch.cat(b_parts)[back], torch.cat(t_parts)[back], scene.n_images, s)
 
 
 def _pixel_boxes(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, s: int, cell_mm: float = 8.0) -> np.ndarray:

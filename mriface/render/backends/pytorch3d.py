@@ -14,15 +14,15 @@ gradients from them and from the depth to the vertex positions.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
-from ..errors import BackendError
-from .cameras import Cameras
-from .rasterize import Fragments
+from ...errors import BackendError
+from ..cameras import Cameras
+from ..fragments import Fragments, Hits, fragments_to_hits
+from .base import Scene
 
-__all__ = ["rasterize_pytorch3d", "soft_silhouette", "to_pytorch3d_cameras", "default_bin_size", "images_per_call",
+__all__ = ["Pytorch3DBackend", "soft_silhouette", "to_pytorch3d_cameras", "default_bin_size", "images_per_call",
            "BIN_BUFFER_BYTES"]
 
 
@@ -79,17 +79,23 @@ def images_per_call(image_size: int, bin_size: int, max_faces_per_bin: int, budg
     return max(1, budget_bytes // (bins * max_faces_per_bin * 4))
 
 
-def rasterize_pytorch3d(
-    verts_list: Sequence[torch.Tensor],
-    faces_list: Sequence[torch.Tensor],
-    mesh_index: torch.Tensor,
-    cameras: Cameras,
-    image_size: int,
-    *,
-    bin_size: "int | None" = None,
-    max_faces_per_bin: "int | None" = None,
-) -> Fragments:
-    """pytorch3d implementation of :func:`mriface.render.rasterize` (hard, one face per pixel).
+class Pytorch3DBackend:
+    """pytorch3d's ``MeshRasterizer`` (hard, one face per pixel); CPU or CUDA, several meshes per call.
+
+    Options of :meth:`hits`: ``bin_size``, ``max_faces_per_bin``.
+    """
+
+    name = "pytorch3d"
+    default_device = "auto"
+    batches_meshes = True
+
+    def hits(self, scene: Scene, *, bin_size: "int | None" = None, max_faces_per_bin: "int | None" = None) -> Hits:
+        """The covered pixels of :func:`dense_fragments` (differentiable through pytorch3d's backward)."""
+        return fragments_to_hits(dense_fragments(scene, bin_size=bin_size, max_faces_per_bin=max_faces_per_bin))
+
+
+def dense_fragments(scene: Scene, *, bin_size: "int | None" = None, max_faces_per_bin: "int | None" = None) -> Fragments:
+    """pytorch3d's full-size fragments of ``scene``, face ids into ``scene.joined``.
 
     ``bin_size`` / ``max_faces_per_bin`` go to ``RasterizationSettings``
     (``bin_size=None``: pytorch3d's heuristic; ``bin_size=0`` is the naive
@@ -100,6 +106,8 @@ def rasterize_pytorch3d(
     within :data:`BIN_BUFFER_BYTES`. A smaller ``max_faces_per_bin`` is the
     caller's risk on CUDA; on the CPU (naive only) an overflow raises BackendError.
     """
+    verts_list, faces_list, mesh_index, cameras = scene.verts_list, scene.faces_list, scene.mesh_index, scene.cameras
+    image_size = scene.image_size
     _, MeshRasterizer, RasterizationSettings, _ = _import()
     n_max = max(int(f.shape[0]) for f in faces_list)
     if max_faces_per_bin is None:
@@ -157,7 +165,7 @@ def soft_silhouette(
 
     Parameters
     ----------
-    verts, faces : one mesh (V, 3), (F, 3) or lists with ``mesh_index`` (see :func:`rasterize`).
+    verts, faces : one mesh (V, 3), (F, 3) or lists with ``mesh_index`` (see :func:`~mriface.render.rasterize`).
     cameras : N cameras; image_size : S pixels.
     sigma : sharpness, squared NDC units.
 
@@ -166,8 +174,6 @@ def soft_silhouette(
     torch.Tensor
         (N, S, S) in [0, 1], differentiable w.r.t. ``verts``.
     """
-    import math
-
     _, MeshRasterizer, RasterizationSettings, _ = _import()
     if isinstance(verts, torch.Tensor):
         verts, faces = [verts], [faces]

@@ -18,7 +18,7 @@ triangles cover a window of 1x1 to 4x4 pixels. Per view:
    its mesh in the low 32 bits, so the nearest triangle wins and exact depth
    ties go to the lower row: deterministic, whatever the scheduling;
 5. recompute barycentrics and depth of every covered pixel in torch from its
-   pixel ray and the winning triangle (:func:`~mriface.render.rasterize.ray_triangle_hits`,
+   pixel ray and the winning triangle (:func:`~mriface.render.geometry.ray_triangle_hits`,
    as the embree backend does), so images are differentiable w.r.t. vertex
    positions away from silhouettes.
 
@@ -31,15 +31,15 @@ on triangle size (a triangle filling the image is one chunk of S x S candidates)
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from ..errors import BackendError
-from .cameras import Cameras
-from .rasterize import Fragments, ray_triangle_hits
+from ...errors import BackendError
+from ..cameras import Cameras
+from ..fragments import Hits
+from ..geometry import ray_triangle_hits
+from .base import Scene
 
-__all__ = ["rasterize_zbuffer", "zbuffer_hits"]
+__all__ = ["ZBufferBackend", "visible_faces", "MAX_CANDIDATES"]
 
 #: default candidate pixels tested per chunk (up to about 60 bytes each while a chunk is live)
 MAX_CANDIDATES = 1 << 24
@@ -131,35 +131,55 @@ def _resolve_class(p: dict, sel: torch.Tensor, win: int, s: int, view_base: torc
     zbuf.scatter_reduce_(0, pix, key, "amin")
 
 
-def zbuffer_hits(
-    verts_list: Sequence[torch.Tensor],
-    faces_list: Sequence[torch.Tensor],
-    mesh_index: torch.Tensor,
-    cameras: Cameras,
-    image_size: int,
-    *,
-    max_candidates: int = MAX_CANDIDATES,
-):
-    """Visible triangle of every pixel (no barycentrics): the z-buffer pass.
+class ZBufferBackend:
+    """The pure-torch z-buffer rasterizer (this module's docstring says how it works).
 
-    Parameters as :func:`rasterize_zbuffer`.
+    Runs on the CPU and on CUDA (``"auto"``: CUDA when present) and batches
+    several subjects' meshes per call. Option of :meth:`hits`:
+    ``max_candidates`` (candidate pixels tested per chunk; lower it if memory
+    runs out: peak memory is roughly 60 bytes x this, plus an (N, S, S) int64 buffer).
+    """
+
+    name = "zbuffer"
+    default_device = "auto"
+    batches_meshes = True
+
+    def hits(self, scene: Scene, *, max_candidates: int = MAX_CANDIDATES) -> Hits:
+        """Visible triangle, barycentrics and depth of every covered pixel.
+
+        float64 barycentrics and depth when a float64 vertex tensor is given,
+        float32 otherwise; differentiable w.r.t. the vertices (and the
+        cameras' R, T) away from silhouettes.
+        """
+        if not isinstance(max_candidates, int) or max_candidates < 1:
+            raise BackendError(f"max_candidates={max_candidates!r}: give a positive int (candidate pixels per chunk)")
+        dtype = scene.dtype
+        with torch.no_grad():  # visibility is piecewise constant: the gradient path is the ray recomputation below
+            pixel, face = visible_faces(scene, max_candidates=max_candidates)
+        if not pixel.numel():
+            return scene.empty_hits(dtype)
+        v_all, f_all = scene.joined
+        bary, depth = ray_triangle_hits(v_all.to(dtype), f_all, face, *scene.pixel_rays(pixel, dtype))
+        return Hits(pixel, face, bary, depth, scene.n_images, scene.image_size)
+
+
+def visible_faces(scene: Scene, *, max_candidates: int = MAX_CANDIDATES):
+    """Visible triangle of every pixel (no barycentrics): the z-buffer pass.
 
     Returns
     -------
     pixel : torch.Tensor
         (M,) int64 flat index ``view * S * S + row * S + col`` of each covered pixel, increasing.
     face : torch.Tensor
-        (M,) int64 visible row of the concatenated faces (:func:`~mriface.render.rasterize.concat_meshes`).
+        (M,) int64 visible row of the concatenated faces (``scene.joined``).
     """
-    s = image_size
+    verts_list, faces_list, mesh_index, cameras = scene.verts_list, scene.faces_list, scene.mesh_index, scene.cameras
+    s = scene.image_size
     dev = cameras.device
     n = len(cameras)
     zbuf = torch.full((n * s * s,), _EMPTY, dtype=torch.int64, device=dev)
     mesh_index = torch.as_tensor(mesh_index, dtype=torch.int64).cpu()
-    sizes = [int(f.shape[0]) for f in faces_list]
-    offsets = [0]
-    for k in sizes[:-1]:
-        offsets.append(offsets[-1] + k)
+    offsets = scene.face_offsets
     face_offset_of_view = torch.zeros(n, dtype=torch.int64)
     for m in torch.unique(mesh_index).tolist():
         views = torch.nonzero(mesh_index == m).flatten()
@@ -189,70 +209,3 @@ def zbuffer_hits(
     local = zbuf[pixel] & 0xFFFFFFFF
     face = local + face_offset_of_view.to(dev)[torch.div(pixel, s * s, rounding_mode="floor")]
     return pixel, face
-
-
-def rasterize_zbuffer(
-    verts_list: Sequence[torch.Tensor],
-    faces_list: Sequence[torch.Tensor],
-    mesh_index: torch.Tensor,
-    cameras: Cameras,
-    image_size: int,
-    *,
-    max_candidates: int = MAX_CANDIDATES,
-) -> Fragments:
-    """Z-buffer implementation of :func:`mriface.render.rasterize`, on the CPU or CUDA.
-
-    Parameters
-    ----------
-    verts_list, faces_list : per-mesh (V_m, 3) float world mm and (F_m, 3) int64 tensors, on the cameras' device.
-    mesh_index : (N,) int64 mesh seen by each camera.
-    cameras : N cameras; image_size : S.
-    max_candidates : int
-        Candidate pixels tested per chunk; lower it if memory runs out
-        (peak memory is roughly 60 bytes x this, plus the (N, S, S) buffers).
-
-    Returns
-    -------
-    Fragments
-        float64 barycentrics and depth when a float64 vertex tensor is given,
-        float32 otherwise; differentiable w.r.t. the vertices (and the
-        cameras' R, T) away from silhouettes.
-    """
-    if not isinstance(max_candidates, int) or max_candidates < 1:
-        raise BackendError(f"max_candidates={max_candidates!r}: give a positive int (candidate pixels per chunk)")
-    n, s = len(cameras), image_size
-    dev = cameras.device
-    dtype = torch.float64 if any(v.dtype == torch.float64 for v in verts_list) else torch.float32
-    with torch.no_grad():  # visibility is piecewise constant: the gradient path is the ray recomputation below
-        pixel, face = zbuffer_hits(verts_list, faces_list, mesh_index, cameras, s, max_candidates=max_candidates)
-    pix_to_face = torch.full((n * s * s,), -1, dtype=torch.int64, device=dev)
-    pix_to_face[pixel] = face
-    bary = torch.zeros((n * s * s, 3), dtype=dtype, device=dev)
-    depth = torch.full((n * s * s,), -1.0, dtype=dtype, device=dev)
-    if pixel.numel():
-        if len(verts_list) == 1:
-            v_all, f_all = verts_list[0], faces_list[0]
-        else:
-            from .rasterize import concat_meshes
-
-            v_all, f_all, _ = concat_meshes(verts_list, faces_list)
-        view = torch.div(pixel, s * s, rounding_mode="floor")
-        rem = pixel - view * (s * s)
-        row = torch.div(rem, s, rounding_mode="floor")
-        col = rem - row * s
-        b, t = ray_triangle_hits(v_all.to(dtype), f_all, face, *_pixel_rays(cameras, s, view, row, col, dtype))
-        # out-of-place scatter so autograd tracks it
-        bary = bary.index_put((pixel,), b)
-        depth = depth.index_put((pixel,), t)
-    return Fragments(pix_to_face.reshape(n, s, s), bary.reshape(n, s, s, 3), depth.reshape(n, s, s))
-
-
-def _pixel_rays(cameras: Cameras, s: int, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor, dtype):
-    """World origin and direction (camera-space z = 1) of the ray through each given pixel centre."""
-    th = cameras.tan_half_fov().to(dtype)[view]
-    x = (1 - (2 * col.to(dtype) + 1) / s) * th
-    y = (1 - (2 * row.to(dtype) + 1) / s) * th
-    R = cameras.R.to(dtype)[view]  # (M, 3, 3): columns are the camera axes in world
-    d = x[:, None] * R[:, :, 0] + y[:, None] * R[:, :, 1] + R[:, :, 2]
-    origins = cameras.centers().to(dtype)[view]
-    return origins, d
