@@ -21,7 +21,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from mriface.dicom import find_series, folder_digest, is_dicom_folder, load_dicom
 from mriface.errors import InputFileError, VolumeError
-from mriface.inputs import read_manifest
+from mriface.inputs import load_scan, read_manifest
 from mriface.volume import load_volume
 
 from phantoms import head_phantom, rotation_about  # tests/ is on sys.path (rootdir conftest)
@@ -132,7 +132,7 @@ def oblique_phantom(tmp_path_factory):
     """The analytic head at 1x1x2 mm, written as an oblique DICOM series and as NIfTI with the same affine."""
     import nibabel as nib
 
-    vol, _ = head_phantom((1.0, 1.0, 2.0))
+    vol, _ = head_phantom((1.0, 1.0, 2.0), sub=1)  # sub=1: as accurate here, and 2.5x faster
     rot = rotation_about(2, 20.0) @ rotation_about(0, -15.0)
     affine = np.eye(4)
     affine[:3, :3] = rot @ vol.affine[:3, :3]
@@ -142,7 +142,7 @@ def oblique_phantom(tmp_path_factory):
                                                                          intercept=intercept)
     root = tmp_path_factory.mktemp("dicom_phantom")
     write_series(root / "series", planes, positions, orientation, spacing, slope=slope, intercept=intercept)
-    nifti = root / "phantom.nii.gz"
+    nifti = root / "phantom.nii"  # uncompressed: faster to write
     # the same stored values, scaled by the NIfTI header the way the DICOM header scales them
     img = nib.Nifti1Image(stored, affine)
     img.header.set_slope_inter(slope, intercept)
@@ -167,18 +167,20 @@ def test_oblique_series_matches_nifti_and_the_true_surface(oblique_phantom):
     surf = extract_head_surface(dcm, device="cpu")
     idx = np.random.default_rng(0).permutation(surf.n_verts)[:20_000]
     d = HeadPhantom(rotation=rot).distance(surf.verts[idx].astype(np.float64))
-    assert np.median(d) < 0.5, np.median(d)
-    assert np.percentile(d, 95) < 1.0, np.percentile(d, 95)
+    assert d.mean() < 0.25, d.mean()
+    assert np.percentile(d, 99) < 0.5, np.percentile(d, 99)
 
 
-def test_a_dicom_folder_is_a_valid_manifest_row(oblique_phantom, tmp_path):
-    folder, _, _ = oblique_phantom
+def test_a_dicom_folder_is_a_valid_manifest_row(tmp_path):
+    folder = tmp_path / "P1_dicom"
+    _ct_ball(folder, n=4, z0=-3.0)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a scan")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"subject,scan\nP1,{folder}\nP2,empty\n")
     gallery, _, problems = read_manifest(manifest)
     assert [s.subject for s in gallery] == ["P1"] and gallery[0].path == folder.resolve()
+    assert load_scan(gallery[0].path).modality == "ct"  # what the study reads a row with
     assert len(problems) == 1 and problems[0].subject == "P2"
     assert "DICOM" in problems[0].message
     assert is_dicom_folder(folder) and not is_dicom_folder(tmp_path / "empty")
