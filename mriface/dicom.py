@@ -340,7 +340,13 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
         permission to read.
     """
     p = Path(path)
-    files = list(_files(p)) if p.is_dir() else [p]
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except PermissionError as exc:
+        raise _permission_denied(p, exc) from exc
+    if not exists:
+        raise InputFileError(f"{p}: no such file or folder; check the path")
+    files = list(_files(p)) if is_dir else [p]
     groups: dict[tuple, list[_Slice]] = {}
     meta: dict[tuple, tuple] = {}
     skipped: dict[str, int] = {}
@@ -368,6 +374,9 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
                 num = ds.get("SeriesNumber")
                 meta[key] = (uid, int(num) if num not in (None, "") else None,
                              str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""))
+    if n_dicom == 0 and not is_dir:
+        raise InputFileError(f"{p}: not a DICOM file (no DICM marker and no DICOM name ending); "
+                             "give a DICOM series folder, a NIfTI or an MGH/MGZ file")
     if n_dicom == 0:
         hint = ""
         scans = [o for o in others if o.lower().endswith((".nii", ".nii.gz", ".mgz", ".mgh"))]

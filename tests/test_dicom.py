@@ -291,6 +291,18 @@ def test_a_truncated_file_is_an_error_naming_it(tmp_path, cut):
     assert "truncated" in str(info.value)
 
 
+def test_a_series_of_several_volumes_is_not_read_as_one(tmp_path):
+    # a time series: every slice position twice (two volumes in one series)
+    planes, positions = ball_series(16, 16, 4, spacing=(2, 2), orientation=(1, 0, 0, 0, 1, 0), origin=(0, 0, 0),
+                                    step=(0, 0, 2), centre=np.array([16.0, 16.0, 3.0]), radius=8,
+                                    inside=1000, outside=0)
+    write_series(tmp_path / "fmri", np.concatenate([planes, planes]), np.concatenate([positions, positions]),
+                 (1, 0, 0, 0, 1, 0), (2, 2))
+    with pytest.raises(VolumeError, match="same slice position|several volumes") as info:
+        load_volume(tmp_path / "fmri")
+    assert str(tmp_path / "fmri") in str(info.value)
+
+
 def test_one_2d_file_asks_for_its_folder(tmp_path):
     paths, _ = _ct_ball(tmp_path / "ct", n=3)
     with pytest.raises(VolumeError, match="give the folder"):
