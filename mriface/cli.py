@@ -339,7 +339,7 @@ def _add_render(sub: "argparse._SubParsersAction") -> None:
 def _run_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .inputs import load_scan
+    from .scans import load_scan
     from .render import RenderProtocol, render_views, write_renders
     from .surface import HeadSurface, extract_head_surface
 
@@ -391,7 +391,7 @@ def _run_surface(args: argparse.Namespace) -> int:
 
     from . import datasets
     from .errors import InputFileError
-    from .inputs import load_scan
+    from .scans import load_scan
     from .surface import estimate_threshold, extract_head_surface, is_mesh_file, save_surface
     from .volume import load_volume
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .errors import ManifestError
+from .scans import load_scan  # how a manifest row's file is read (a volume or a mesh)
 
 __all__ = [
     "Problem",
@@ -135,37 +136,6 @@ class StudyInputs:
     def subjects(self) -> list[str]:
         """Gallery subject ids in input order."""
         return [s.subject for s in self.gallery]
-
-
-# --------------------------------------------------------------------------- scans and meshes
-def load_scan(path: "str | Path"):
-    """A scan file as a :class:`~mriface.volume.Volume`, or a mesh file as a :class:`~mriface.surface.HeadSurface`.
-
-    Wherever a study or the command line takes a scan, it takes a mesh too.
-    A mesh (:func:`mriface.surface.is_mesh_file`: OBJ, PLY, GIfTI, FreeSurfer)
-    is read with :func:`mriface.surface.load_surface`, which estimates its
-    face frame as for a volume's surface; a surface ``.npz`` written by
-    mriface keeps its frame. Anything else goes to :func:`mriface.volume.load_volume`.
-    """
-    from .surface import is_mesh_file
-
-    p = Path(path)
-    if _has_suffix(p, (".npz",)):
-        from .errors import InputFileError
-        from .surface import load_surface_npz
-
-        try:
-            return load_surface_npz(p)
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputFileError(f"{p}: not a surface .npz written by mriface ({exc}); give a scan, "
-                                 "a mesh file or such an .npz") from exc
-    if is_mesh_file(p):
-        from .surface import load_surface
-
-        return load_surface(p)
-    from .volume import load_volume
-
-    return load_volume(p)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -102,7 +102,7 @@ class Pipeline:
     # ---- stages
     def load(self, path: Path):
         """Scan file -> :class:`~mriface.volume.Volume`, or mesh file -> :class:`~mriface.surface.HeadSurface`."""
-        from ..inputs import load_scan
+        from ..scans import load_scan
 
         return load_scan(path)
 
