@@ -1,48 +1,36 @@
-"""Read a DICOM series (a folder of slices, or one multi-frame file) as a volume.
+"""Read a DICOM series (a folder of slices, or one multi-frame file) as an array and affine.
 
-Part of stage 1 (``scan file -> Volume``): :func:`mriface.volume.load_volume`
-hands a folder, a ``.dcm``/``.ima`` file or any file with the DICOM magic
-bytes to :func:`read_dicom`, and then treats the array and affine like a
-NIfTI file's (finite values, RAS+ canonical axes, MR or CT).
+:func:`mriface.volume.load_volume` hands a folder, a ``.dcm``/``.ima`` file
+or any file with DICOM's magic bytes to :func:`read_dicom`, then treats the
+result like a NIfTI file's. pydicom reads the headers first, and the pixels
+of the chosen series only after the memory guard
+(:func:`mriface.volume.check_volume_size`).
 
-Files are parsed with pydicom (headers first, pixels only for the chosen
-series, after the memory guard of :func:`mriface.volume.check_volume_size`).
-
-How a folder becomes one volume:
-
-* **Series.** Images are grouped by SeriesInstanceUID, and within a series by
-  orientation, matrix, pixel spacing and echo, so that a localizer's three
-  planes or a dual-echo series never mix. Groups of one slice (scouts,
-  screenshots) and groups whose slices repeat a position (time series,
-  diffusion) are not 3D volumes. Of the rest the one with the most voxels is
-  read (a head's thin-slice reconstruction beats its thick one and any
-  localizer); when there is more than one, a warning on the
-  ``mriface.dicom`` logger names the one chosen and the others. To read
-  another, call :func:`load_dicom` with ``series=`` (a SeriesNumber,
-  SeriesInstanceUID or SeriesDescription; :func:`find_series` lists them),
-  or give the series a folder of its own.
+* **Series.** Images are grouped by SeriesInstanceUID and, within it, by
+  orientation, matrix, pixel spacing and echo (a localizer's three planes
+  never mix). Single slices (scouts, screenshots) and stacks that repeat a
+  position (time series, diffusion) are not 3D volumes. Of the rest the one
+  with the most voxels is read, and when there are several a warning on the
+  ``mriface.dicom`` logger names it and the others; ``load_volume(folder,
+  series=...)`` reads another (:func:`find_series` lists them).
 * **Geometry.** ImageOrientationPatient, PixelSpacing and the slices'
-  ImagePositionPatient give the voxel-to-world affine in DICOM's LPS
-  millimetres, flipped to mriface's RAS+. Slices are ordered along the
-  image plane's normal (not by InstanceNumber, which exporters renumber).
-* **Gantry tilt.** A tilted CT gantry stacks slices along the table while
-  the image plane is tilted: consecutive ImagePositionPatient steps are not
-  along the plane's normal. The affine's slice column is that real step, so
-  the affine is sheared and voxel centres land where the scanner measured
-  them; nothing is resampled. mriface maps voxels to world through the full
-  affine everywhere (:mod:`mriface.surface` places every vertex with it).
-* **Missing or uneven slices** (a gap more than 5 % away from the median
-  spacing, or positions off one line) raise :class:`~mriface.errors.VolumeError`
-  naming the folder, the series and the gap: interpolating across a missing
-  slice would invent anatomy.
-* **Intensities.** RescaleSlope and RescaleIntercept are applied per slice
-  (per frame), so CT arrives in Hounsfield units and is recognised as CT.
+  ImagePositionPatient give the affine in DICOM's LPS mm, flipped to RAS+.
+  Slices are ordered along the plane normal, not by InstanceNumber.
+* **Gantry tilt.** The slice column of the affine is the real step between
+  slice positions, so a tilted gantry gives a sheared affine and voxel
+  centres land where the scanner measured them; nothing is resampled
+  (mriface maps voxels to world through the full affine everywhere).
+* **Missing or uneven slices** (a gap more than 5 % off the median, or
+  positions off one line) raise :class:`~mriface.errors.VolumeError` naming
+  the folder, the files on either side and the gap: interpolating across a
+  missing slice would invent anatomy.
+* **Intensities.** RescaleSlope/RescaleIntercept are applied per slice (per
+  frame), so CT arrives in Hounsfield units and is recognised as CT.
 
-A single-frame file alone is one 2D slice and is refused with a message
-asking for its folder. Multi-frame files (Enhanced MR/CT) with per-frame
-positions in their functional groups are read like a folder of slices.
-Compressed transfer syntaxes need pydicom's optional decoders (pylibjpeg,
-GDCM); without them the error says so.
+One single-frame file is a 2D slice and is refused with a message asking
+for its folder; multi-frame files (Enhanced MR/CT) with per-frame positions
+are read like a folder. Compressed transfer syntaxes need pydicom's optional
+decoders; without them the error says so.
 """
 
 from __future__ import annotations
@@ -52,12 +40,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
+from ._scanguard import check_volume_size
+from ._scanguard import permission_denied as _permission_denied
 from .errors import InputFileError, VolumeError
-from .volume import MODALITIES, _permission_denied, _to_volume, check_volume_size
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -66,7 +55,6 @@ __all__ = [
     "is_dicom_folder",
     "find_series",
     "read_dicom",
-    "load_dicom",
     "folder_digest",
 ]
 
@@ -158,7 +146,6 @@ class _Slice:
     cols: int
     slope: float
     intercept: float
-    instance: "int | None"
 
 
 @dataclass(frozen=True)
@@ -181,6 +168,8 @@ class DicomSeries:
         Images (or frames) in the stack.
     repeated_positions : bool
         Several images share a position (a time series or diffusion): not one 3D volume.
+    slices : tuple
+        The images' geometry and scaling, as read from the headers.
     """
 
     uid: str
@@ -275,15 +264,13 @@ def _slices_of(f: Path, ds) -> "tuple[list[_Slice], str]":
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return [], "a colour image"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    instance = ds.get("InstanceNumber")
-    instance = int(instance) if instance not in (None, "") else None
     if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         pos = _floats(ds.get("ImagePositionPatient"), 3)
         ori = _floats(ds.get("ImageOrientationPatient"), 6)
         spc = _floats(_first(ds, "PixelSpacing", "ImagerPixelSpacing"), 2)
         if pos is None or ori is None or spc is None:
             return [], "no position, orientation or pixel spacing"
-        return [_Slice(f, None, pos, ori, spc, int(rows), int(cols), *_scale(ds), instance)], ""
+        return [_Slice(f, None, pos, ori, spc, int(rows), int(cols), *_scale(ds))], ""
     # multi-frame (Enhanced MR/CT): geometry per frame, or shared by all frames
     per = ds.get("PerFrameFunctionalGroupsSequence")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -307,13 +294,8 @@ def _slices_of(f: Path, ds) -> "tuple[list[_Slice], str]":
             return [], f"frame {k + 1} has no position, orientation or pixel spacing"
         grp = next((g for g in groups if _first(g, "PixelValueTransformationSequence.RescaleSlope")
                     is not None), ds)
-        out.append(_Slice(f, k, pos, ori, spc, int(rows), int(cols), *_scale(grp), instance))
+        out.append(_Slice(f, k, pos, ori, spc, int(rows), int(cols), *_scale(grp)))
     return out, ""
-
-
-def _normal(orientation: Sequence[float]) -> np.ndarray:
-    r, c = np.asarray(orientation[:3]), np.asarray(orientation[3:])
-    return np.cross(r, c)
 
 
 def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], list[str]]":
@@ -392,7 +374,7 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
             skipped["single 2D images (scouts or one-slice series)"] = \
                 skipped.get("single 2D images (scouts or one-slice series)", 0) + 1
             continue
-        n = _normal(slices[0].orientation)
+        n = np.cross(slices[0].orientation[:3], slices[0].orientation[3:])
         d = np.sort(np.array([np.dot(s.position, n) for s in slices]))
         repeated = bool(np.any(np.diff(d) < 1e-3))
         series.append(DicomSeries(uid, number, desc, modality, slices[0].rows, slices[0].cols,
@@ -424,7 +406,7 @@ def _pick(p: Path, series: "list[DicomSeries]", skipped: "list[str]", wanted) ->
         if len(series) > 1:
             log.warning("%s: %d DICOM series; reading the largest, %s. Not read: %s. "
                         "To read another, give it a folder of its own or call "
-                        "mriface.dicom.load_dicom(path, series=<SeriesNumber>)",
+                        "mriface.load_volume(path, series=<SeriesNumber>)",
                         p, len(series), chosen.label, "; ".join(s.label for s in series if s is not chosen))
     if chosen.repeated_positions:
         raise VolumeError(
@@ -458,14 +440,13 @@ def _geometry(p: Path, series: DicomSeries) -> "tuple[list[_Slice], np.ndarray]"
         lost = gaps[i] / spacing - 1
         guess = (f"about {int(round(lost))} slice(s) missing" if lost > 0.5
                  else "uneven slice spacing")
-        where = "; ".join(f"{gaps[j]:.3g} mm after the slice at {d[j]:.2f} mm" for j in bad[:3])
         a, b = slices[i], slices[i + 1]
         names = f"{a.file.name}{'' if a.frame is None else f' frame {a.frame + 1}'} and " \
                 f"{b.file.name}{'' if b.frame is None else f' frame {b.frame + 1}'}"
         raise VolumeError(
             f"{p}: {series.label} is not evenly spaced: slices are {spacing:.3g} mm apart, but the gap "
-            f"between {names} is {gaps[i]:.3g} mm ({guess}; {len(bad)} such gap(s): {where}, "
-            "positions along the slice normal); copy the complete series again")
+            f"between {names} is {gaps[i]:.3g} mm ({guess}; {len(bad)} such gap(s) in the series); "
+            "copy the complete series again")
     k = np.arange(len(slices))
     step = (pos[-1] - pos[0]) / (len(slices) - 1)
     off_line = np.linalg.norm(pos - (pos[0] + k[:, None] * step), axis=1).max()
@@ -519,13 +500,10 @@ def read_dicom(path: "str | os.PathLike[str]", *, series=None,
     path : str or path-like
         A folder of DICOM files (searched recursively) or one multi-frame DICOM file.
     series : int or str, optional
-        SeriesNumber, SeriesInstanceUID or SeriesDescription of the series to
-        read; default: the largest 3D series (a warning names the choice when
-        there are several).
+        SeriesNumber, SeriesInstanceUID or SeriesDescription; default: the
+        largest 3D series (a warning names the choice when there are several).
     max_volume_mb : float, optional
-        Refuse a series whose float32 voxels would exceed this many MiB,
-        before reading any pixels (default: ``MRIFACE_MAX_VOLUME_MB`` or
-        :data:`mriface.volume.DEFAULT_MAX_VOLUME_MB`).
+        Memory limit, checked before any pixel is read (see :func:`check_volume_size`).
 
     Returns
     -------
@@ -537,7 +515,6 @@ def read_dicom(path: "str | os.PathLike[str]", *, series=None,
         direction, axis 1 the columns', axis 2 the step between slice
         positions (sheared under gantry tilt).
     chosen : DicomSeries
-        The series read.
 
     Raises
     ------
@@ -555,7 +532,7 @@ def read_dicom(path: "str | os.PathLike[str]", *, series=None,
             "give the folder that holds all the slices of the series")
     chosen = _pick(p, found, skipped, series)
     check_volume_size(p, (chosen.cols, chosen.rows, chosen.n_slices),
-                      max_volume_mb=max_volume_mb, what=f"{chosen.label}")
+                      max_volume_mb=max_volume_mb, what=chosen.label)
     slices, affine = _geometry(p, chosen)
     data = np.empty((chosen.cols, chosen.rows, len(slices)), np.float32)
     decoded: dict[Path, np.ndarray] = {}
@@ -571,22 +548,3 @@ def read_dicom(path: "str | os.PathLike[str]", *, series=None,
         data[:, :, k] = (arr.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)).T
     return data, affine, chosen
 
-
-def load_dicom(path: "str | os.PathLike[str]", *, series=None, modality: str = "auto",
-               max_volume_mb: "float | None" = None):
-    """Read a DICOM series as a :class:`~mriface.volume.Volume` (RAS+ canonical, MR or CT).
-
-    What :func:`mriface.volume.load_volume` does for a folder or ``.dcm``
-    file, with the choice of series (see :func:`read_dicom`).
-
-    Examples
-    --------
-    >>> vol = load_dicom("scans/P01_dicom", series=5)  # doctest: +SKIP
-    >>> vol.modality, vol.zooms.round(2).tolist()  # doctest: +SKIP
-    ('ct', [0.49, 0.49, 1.25])
-    """
-    if modality not in MODALITIES:
-        raise VolumeError(f"modality={modality!r} is not one of {MODALITIES}")
-    p = Path(os.fspath(path)).expanduser()
-    data, affine, _ = read_dicom(p, series=series, max_volume_mb=max_volume_mb)
-    return _to_volume(p, data, affine, modality)

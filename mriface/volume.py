@@ -27,9 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ._scanguard import (DEFAULT_MAX_VOLUME_MB, MAX_VOLUME_ENV, check_volume_size,  # noqa: F401 (public here)
+                         volume_limit_mb)
+from ._scanguard import permission_denied as _permission_denied
+from ._scanguard import size_text as _size_text
 from .errors import InputFileError, VolumeError
 
-__all__ = ["Volume", "load_volume", "detect_modality", "MODALITIES", "rotate_resample", "rotation_matrix"]
+__all__ = ["Volume", "load_volume", "detect_modality", "MODALITIES", "rotate_resample", "rotation_matrix",
+           "check_volume_size", "volume_limit_mb", "MAX_VOLUME_ENV", "DEFAULT_MAX_VOLUME_MB"]
 
 #: accepted values of ``modality=``
 MODALITIES = ("auto", "mr", "ct")
@@ -118,96 +123,6 @@ def _read_image(path: Path):
         ) from exc
 
 
-def _permission_denied(path: Path, exc: OSError) -> InputFileError:
-    """The one message for a scan this user may not read (file or a folder above it)."""
-    return InputFileError(
-        f"{path}: permission denied: this user may not read it ({exc.strerror or exc}); "
-        "check the permissions of the file and of the folders above it (ls -l), "
-        "or run as a user who can read it")
-
-
-# --------------------------------------------------------------------------- memory guard
-#: environment variable holding the memory limit of :func:`check_volume_size`, in MiB
-MAX_VOLUME_ENV = "MRIFACE_MAX_VOLUME_MB"
-#: default limit on one decoded volume: 2 GiB of float32 voxels (512 Mi voxels, e.g. 512x512x2048
-#: CT slices); loading and reorienting briefly hold about three times as much
-DEFAULT_MAX_VOLUME_MB = 2048.0
-
-
-def volume_limit_mb(max_volume_mb: "float | None" = None) -> float:
-    """The memory limit in MiB: ``max_volume_mb``, else ``$MRIFACE_MAX_VOLUME_MB``, else 2048."""
-    value, source = max_volume_mb, "max_volume_mb"
-    if value is None:
-        raw = os.environ.get(MAX_VOLUME_ENV, "").strip()
-        if not raw:
-            return DEFAULT_MAX_VOLUME_MB
-        value, source = raw, MAX_VOLUME_ENV
-    try:
-        mb = float(value)
-    except (TypeError, ValueError):
-        mb = float("nan")
-    if not mb > 0 or mb == float("inf"):
-        raise VolumeError(f"{source}={value!r} is not a positive number of MiB; "
-                          f"give e.g. 8192, or unset {MAX_VOLUME_ENV} for the default {DEFAULT_MAX_VOLUME_MB:g}")
-    return mb
-
-
-def _size_text(n: int) -> str:
-    """Bytes in binary units for messages: ``'2 GiB'``, ``'101 TiB'``."""
-    value = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{value:.3g} {unit}"
-        value /= 1024
-    return f"{n} bytes"  # pragma: no cover
-
-
-def check_volume_size(path, shape, *, max_volume_mb: "float | None" = None,
-                      what: str = "its header", note: str = "") -> None:
-    """Refuse a volume whose decoded float32 voxels would exceed the memory limit.
-
-    Called with the dimensions a header promises, before any voxel is
-    decoded, so that a damaged header (or a scan far larger than a head)
-    becomes a :class:`~mriface.errors.VolumeError` naming the file, the size
-    and the limit, not an out-of-memory crash.
-
-    Parameters
-    ----------
-    path : path-like
-        The scan, for the message.
-    shape : sequence of int
-        Voxel counts that will be decoded.
-    max_volume_mb : float, optional
-        Limit in MiB of float32 voxels; default ``$MRIFACE_MAX_VOLUME_MB`` or 2048.
-    what : str
-        What promises the shape (``"its header"``, a DICOM series label).
-    note : str
-        Added to the message (e.g. that the file is far too short for the header).
-
-    Examples
-    --------
-    >>> check_volume_size("head.nii", (256, 256, 256))
-    >>> check_volume_size("bad.nii", (30000, 30000, 30000))
-    Traceback (most recent call last):
-    ...
-    mriface.errors.VolumeError: bad.nii: its header claims 30000x30000x30000 voxels (2.7e+13), ...
-    """
-    import math
-
-    dims = [int(s) for s in shape]
-    count = math.prod(dims)  # Python ints: no overflow for absurd headers
-    need = 4 * count
-    limit_mb = volume_limit_mb(max_volume_mb)
-    limit = int(limit_mb * 2**20)
-    if need > limit:
-        raise VolumeError(
-            f"{path}: {what} claims {'x'.join(map(str, dims))} voxels ({count:.3g}), which would take "
-            f"{_size_text(need)} of memory as float32, more than the limit of {_size_text(limit)}"
-            f"{note}. If the scan really is that large, raise the limit: max_volume_mb= or the "
-            f"environment variable {MAX_VOLUME_ENV} (MiB), e.g. {MAX_VOLUME_ENV}="
-            f"{max(int(2 ** math.ceil(math.log2(need / 2**20 + 1))), 1)}; otherwise the header is damaged")
-
-
 def _check_header_size(img, path: Path, max_volume_mb: "float | None") -> None:
     """Memory guard and a file-size check, from a nibabel image's header alone."""
     import math
@@ -290,6 +205,7 @@ def load_volume(
     *,
     modality: str = "auto",
     volume_index: "int | None" = None,
+    series: "int | str | None" = None,
     max_volume_mb: "float | None" = None,
 ) -> Volume:
     """Read a head scan and return it in RAS+ canonical orientation.
@@ -307,6 +223,10 @@ def load_volume(
     volume_index : int, optional
         Which volume of a 4D series to use (negative counts from the end).
         Required for 4D input with more than one volume.
+    series : int or str, optional
+        For a DICOM folder holding several series: the SeriesNumber,
+        SeriesInstanceUID or SeriesDescription of the one to read (default:
+        the largest 3D series; :func:`mriface.dicom.find_series` lists them).
     max_volume_mb : float, optional
         Refuse, before decoding, a volume whose float32 voxels would take more
         than this many MiB. Default: the environment variable
@@ -351,8 +271,10 @@ def load_volume(
         if volume_index is not None:
             raise VolumeError(f"{p}: volume_index= applies to 4D NIfTI/MGH files; for a DICOM series "
                               "put the one volume's files in a folder of their own")
-        data, affine, _ = read_dicom(p, max_volume_mb=max_volume_mb)
+        data, affine, _ = read_dicom(p, series=series, max_volume_mb=max_volume_mb)
     else:
+        if series is not None:
+            raise VolumeError(f"{p}: series= chooses a series of a DICOM folder; this is a single image file")
         img = _read_image(p)
         _check_header_size(img, p, max_volume_mb)
         data = _read_data(img, p, volume_index)

@@ -19,7 +19,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from mriface.dicom import find_series, folder_digest, is_dicom_folder, load_dicom
+from mriface.dicom import find_series, folder_digest, is_dicom_folder
 from mriface.errors import InputFileError, VolumeError
 from mriface.inputs import load_scan, read_manifest
 from mriface.volume import load_volume
@@ -262,10 +262,10 @@ def test_two_series_in_one_folder_reads_the_largest_and_says_so(tmp_path, caplog
     assert vol.shape[2] == 30 or 30 in vol.shape
     text = caplog.text
     assert "series 2 'Head CT'" in text and "series 7 'thick'" in text and "series=" in text
-    other = load_dicom(tmp_path / "study", series=7)
+    other = load_volume(tmp_path / "study", series=7)
     assert 6 in other.shape and other.modality == "ct"
     with pytest.raises(VolumeError, match="matches 0"):
-        load_dicom(tmp_path / "study", series="no such series")
+        load_volume(tmp_path / "study", series="no such series")
 
 
 # --------------------------------------------------------------------------- damaged series
