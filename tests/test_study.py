@@ -459,3 +459,85 @@ def test_benchmark_small_mode_runs_the_study_end_to_end(tmp_path):
     assert all(v > 0 for v in got["stage_sums_s"].values())
     manifest = pd.read_csv(tmp_path / "work" / "cohort" / "manifest.csv")
     assert len(manifest) == 3 and len(list((tmp_path / "work" / "cohort" / "photos").rglob("*.jpg"))) == 6
+
+
+# --------------------------------------------------------------------------- the probe-transform hook
+def _deface_text(volume: str) -> str:
+    """FakePipeline's scans are text: a defacing function marks the volume defaced."""
+    return volume + " defaced"
+
+
+def test_a_transform_is_the_probe_source_and_its_failures_are_problems(tmp_path):
+    from mriface.study import TransformProbes
+
+    m = _cohort(tmp_path, 3)
+    r = run_study(m, out=tmp_path / "o", probes=TransformProbes(_deface_text), views=2, size=32, progress=False,
+                  pipeline=FakePipeline())
+    assert r.summary["mode"] == "transform" and r.summary["options"]["transform"] == "_deface_text"
+    assert r.summary["options"]["probe_seed"] == 1  # rendered under the probe protocol
+    t = r.participants.set_index("participant")
+    assert list(t.index) == ["S1", "S2", "S3"] and (t["n_faces"] == 0).all() and t["true_rank"].isna().all()
+    assert r.summary["rank1"]["count"] == 0
+    roles = Counter(x.role for x in r.scans)
+    assert roles == {"gallery": 3, "probe-transform": 3}
+
+    # a plain function is taken as TransformProbes(fn); one that keeps the face finds everyone
+    r2 = run_study(m, out=tmp_path / "o2", probes=lambda vol: vol, views=2, size=32, progress=False,
+                   pipeline=FakePipeline())
+    assert r2.summary["mode"] == "transform" and (r2.participants["true_rank"] == 1).all()
+
+    # a transform that raises for one subject, or returns nothing for another: problems, not a crash
+    def picky(vol):
+        if vol.startswith("2"):
+            raise RuntimeError("cannot find the nose\nsecond line")
+        return None if vol.startswith("3") else vol
+
+    r3 = run_study(m, out=tmp_path / "o3", probes=TransformProbes(picky), views=2, size=32, progress=False,
+                   pipeline=FakePipeline())
+    assert r3.summary["failures"]["transform_failed"] == 2
+    msgs = "\n".join(r3.summary["problems"])
+    assert "'picky' raised RuntimeError: cannot find the nose" in msgs and "second line" not in msgs
+    assert "'picky' returned NoneType" in msgs
+    t3 = r3.participants.set_index("participant")
+    assert t3.loc["S1", "true_rank"] == 1 and t3[["true_rank"]].loc[["S2", "S3"]].isna().all().all()
+
+
+_SEEN: list = []
+
+
+def test_a_transform_on_surfaces_and_its_cache_key(tmp_path):
+    from mriface.study import TransformProbes
+    from mriface.surface import HeadSurface
+
+    m = _cohort(tmp_path, 2)
+    seen = _SEEN  # a global: what a function closes over is part of its cache key, globals are not
+    seen.clear()
+
+    def shift(surface):
+        _SEEN.append(surface)
+        return HeadSurface(surface.verts + np.float32(offset), surface.faces, surface.normals, surface.frame)
+
+    offset = 0.0
+    p1 = FakePipeline()
+    r1 = run_study(m, out=tmp_path / "o", probes=TransformProbes(shift, on="surface"), views=2, size=32,
+                   progress=False, pipeline=p1)
+    assert len(seen) == 2 and all(isinstance(s, HeadSurface) for s in seen)
+    assert p1.calls["surface"] == 2  # the probes reuse the gallery's surfaces
+    assert (r1.participants["true_rank"] == 1).all()
+    # rerun: the transformed probes come from the cache
+    r2 = run_study(m, out=tmp_path / "o", probes=TransformProbes(shift, on="surface"), views=2, size=32,
+                   progress=False, pipeline=FakePipeline())
+    assert (r2.computed, r2.cached) == (0, 4) and len(seen) == 2
+    # a changed value the function closes over is a changed transform: computed again
+    offset = 0.5
+    r3 = run_study(m, out=tmp_path / "o", probes=TransformProbes(shift, on="surface"), views=2, size=32,
+                   progress=False, pipeline=FakePipeline())
+    assert (r3.computed, r3.cached) == (2, 2)
+    # an explicit key names the version; cache=False recomputes every run
+    r4 = run_study(m, out=tmp_path / "o", probes=TransformProbes(shift, on="surface", cache=False), views=2,
+                   size=32, progress=False, pipeline=FakePipeline())
+    assert (r4.computed, r4.cached) == (2, 2)
+    assert TransformProbes(shift, key="v1").identity() == TransformProbes(lambda s: s, name="shift",
+                                                                           key="v1").identity()
+    with pytest.raises(MRIFaceError, match="use 'volume' or 'surface'"):
+        TransformProbes(shift, on="mesh")

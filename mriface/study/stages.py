@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._io import jsonable
-from ..errors import MRIFaceError
+from ..errors import MRIFaceError, TransformError
 from ..inputs import Problem, Scan
 from . import cache as _cache
 
@@ -341,7 +341,8 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
 
     def failed(exc: BaseException) -> ScanResult:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        problem = Problem("scan_failed", str(scan.path),
+        kind = "transform_failed" if isinstance(exc, TransformError) else "scan_failed"
+        problem = Problem(kind, str(scan.path),
                           f"{role} scan of subject {scan.subject!r} failed: {first}", scan.subject)
         log.warning("%s", problem)
         return ScanResult(scan.subject, role, scan.path, np.zeros((0, pipeline.dim), np.float32),
