@@ -44,19 +44,11 @@ from typing import Iterator
 
 import numpy as np
 
-from ._scanguard import check_volume_size
-from ._scanguard import permission_denied as _permission_denied
+from ._scanguard import check_volume_size, permission_denied as _permission_denied
 from .errors import InputFileError, VolumeError
 
-__all__ = [
-    "DICOM_SUFFIXES",
-    "DicomSeries",
-    "is_dicom_file",
-    "is_dicom_folder",
-    "find_series",
-    "read_dicom",
-    "folder_digest",
-]
+__all__ = ["DICOM_SUFFIXES", "DicomSeries", "is_dicom_file", "is_dicom_folder", "find_series", "read_dicom",
+           "folder_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +146,10 @@ class DicomSeries:
 
     Attributes
     ----------
-    uid : str
-        SeriesInstanceUID.
-    number : int or None
-        SeriesNumber.
-    description : str
-        SeriesDescription ("" when absent).
-    modality : str
-        DICOM Modality ("MR", "CT", ...).
-    rows, cols : int
-        Image matrix (rows x columns).
-    n_slices : int
-        Images (or frames) in the stack.
+    uid, number, description, modality : str, int or None, str, str
+        SeriesInstanceUID, SeriesNumber, SeriesDescription ("" when absent), Modality ("MR", "CT").
+    rows, cols, n_slices : int
+        Image matrix (rows x columns) and the images (or frames) in the stack.
     repeated_positions : bool
         Several images share a position (a time series or diffusion): not one 3D volume.
     slices : tuple
@@ -192,7 +176,8 @@ class DicomSeries:
         """``series 5 'T1 MPRAGE' (MR, 176 images of 256x256)`` for messages."""
         num = f"series {self.number}" if self.number is not None else f"series {self.uid}"
         desc = f" {self.description!r}" if self.description else ""
-        return f"{num}{desc} ({self.modality or '?'}, {self.n_slices} images of {self.rows}x{self.cols})"
+        many = ", repeated positions: several volumes" if self.repeated_positions else ""
+        return f"{num}{desc} ({self.modality or '?'}, {self.n_slices} images of {self.rows}x{self.cols}{many})"
 
 
 def _floats(value, n: int) -> "tuple | None":
@@ -314,12 +299,15 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
     skipped : list of str
         One line per kind of image that is not part of any stack (scouts,
         colour screenshots, images without geometry), with a count.
+    damaged : list of (str or None, InputFileError)
+        Truncated or malformed files, with their SeriesInstanceUID when it
+        could be read: :func:`read_dicom` raises for those of the series it
+        reads (or of unknown series) and ignores the others.
 
     Raises
     ------
     InputFileError
-        No DICOM file at ``path``; a DICOM file whose header is damaged; no
-        permission to read.
+        Nothing at ``path``; no DICOM file there (or only damaged ones); no permission.
     """
     p = Path(path)
     try:
@@ -332,30 +320,35 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
     groups: dict[tuple, list[_Slice]] = {}
     meta: dict[tuple, tuple] = {}
     skipped: dict[str, int] = {}
-    n_dicom = 0
-    others: list[str] = []
+    n_dicom, others, damaged = 0, [], []
     for f in files:
-        if not is_dicom_file(f):
-            others.append(f.name)
+        uid = None  # a damaged file counts against its own series only, or against every series if unknown
+        try:
+            ds = _read_header(f) if is_dicom_file(f) else None
+            if ds is None:
+                others.append(f.name)
+                continue
+            n_dicom += 1
+            uid = str(ds.get("SeriesInstanceUID", "") or "") or None
+            slices, why = _slices_of(f, ds)
+            num, echo = ds.get("SeriesNumber"), str(ds.get("EchoNumbers", "") or "")
+            info = (uid or "", int(num) if num not in (None, "") else None,
+                    str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""))
+        except InputFileError as exc:
+            damaged.append((uid, exc))
             continue
-        ds = _read_header(f)
-        if ds is None:
-            others.append(f.name)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            damaged.append((uid, InputFileError(f"{f}: a DICOM header with a malformed value "
+                                                f"({type(exc).__name__}: {exc}); copy the series again")))
             continue
-        n_dicom += 1
-        slices, why = _slices_of(f, ds)
         if not slices:
             skipped[why] = skipped.get(why, 0) + 1
-            continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        echo = str(ds.get("EchoNumbers", "") or "")
         for s in slices:
             key = (uid, tuple(np.round(s.orientation, 3)), s.rows, s.cols, tuple(np.round(s.spacing, 4)), echo)
             groups.setdefault(key, []).append(s)
-            if key not in meta:
-                num = ds.get("SeriesNumber")
-                meta[key] = (uid, int(num) if num not in (None, "") else None,
-                             str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""))
+            meta.setdefault(key, info)
+    if n_dicom == 0 and damaged:
+        raise damaged[0][1]
     if n_dicom == 0 and not is_dir:
         raise InputFileError(f"{p}: not a DICOM file (no DICM marker and no DICOM name ending); "
                              "give a DICOM series folder, a NIfTI or an MGH/MGZ file")
@@ -381,7 +374,7 @@ def find_series(path: "str | os.PathLike[str]") -> "tuple[list[DicomSeries], lis
                                   len(slices), repeated, tuple(slices)))
     series.sort(key=lambda s: (s.repeated_positions, -s.n_voxels, -s.n_slices,
                                s.number if s.number is not None else 1 << 30, s.uid))
-    return series, [f"{n} {why}" for why, n in sorted(skipped.items())]
+    return series, [f"{n} {why}" for why, n in sorted(skipped.items())], damaged
 
 
 def _pick(p: Path, series: "list[DicomSeries]", skipped: "list[str]", wanted) -> DicomSeries:
@@ -525,12 +518,17 @@ def read_dicom(path: "str | os.PathLike[str]", *, series=None,
         several volumes in one series; a single 2D image; too large for the memory limit.
     """
     p = Path(os.fspath(path)).expanduser()
-    found, skipped = find_series(p)
+    found, skipped, damaged = find_series(p)
+    if damaged and not found:
+        raise damaged[0][1]
     if p.is_file() and not found:
         raise VolumeError(
             f"{p}: one 2D DICOM image ({'; '.join(skipped) or 'a single slice'}), not a 3D volume; "
             "give the folder that holds all the slices of the series")
     chosen = _pick(p, found, skipped, series)
+    for uid, exc in damaged:  # a damaged file of another series does not stop this one
+        if uid is None or uid == chosen.uid:
+            raise exc
     check_volume_size(p, (chosen.cols, chosen.rows, chosen.n_slices),
                       max_volume_mb=max_volume_mb, what=chosen.label)
     slices, affine = _geometry(p, chosen)

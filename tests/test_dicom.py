@@ -254,7 +254,8 @@ def test_two_series_in_one_folder_reads_the_largest_and_says_so(tmp_path, caplog
     write_series(tmp_path / "study", planes, positions, (1, 0, 0, 0, 0, -1), (2, 2), number=1,
                  description="scout")
     (tmp_path / "study" / "README.txt").write_text("exported by a PACS")
-    found, skipped = find_series(tmp_path / "study")
+    found, skipped, damaged = find_series(tmp_path / "study")
+    assert damaged == []
     assert [s.number for s in found] == [2, 7]
     assert any("single 2D" in line for line in skipped)
     with caplog.at_level(logging.WARNING, logger="mriface.dicom"):
@@ -269,6 +270,18 @@ def test_two_series_in_one_folder_reads_the_largest_and_says_so(tmp_path, caplog
 
 
 # --------------------------------------------------------------------------- damaged series
+def test_a_damaged_file_stops_only_its_own_series(tmp_path):
+    _ct_ball(tmp_path / "study" / "big", number=2)
+    small, _ = _ct_ball(tmp_path / "study" / "small", number=7, n=6, seed=1, z0=-5.0)
+    ds = pydicom.dcmread(small[2])
+    del ds.PixelData  # an image file cut before its pixels, header intact
+    ds.save_as(small[2], enforce_file_format=True)
+    assert load_volume(tmp_path / "study").shape[2] == 30  # series 2 is whole
+    with pytest.raises(InputFileError, match="without pixel data") as info:
+        load_volume(tmp_path / "study", series=7)
+    assert str(small[2]) in str(info.value)
+
+
 def test_a_missing_slice_is_an_error_naming_folder_and_gap(tmp_path):
     paths, _ = _ct_ball(tmp_path / "gap")
     paths[11].unlink()  # slice 12 of 30, 2 mm apart
