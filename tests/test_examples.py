@@ -29,6 +29,32 @@ def test_docstring_examples_run(name):
     assert result.failed == 0, f"{result.failed} docstring example(s) of {name} failed"
 
 
+#: documentation pages whose examples need the sample data or take more than a few seconds
+_SLOW_DOCS = {"extending.md"}
+
+
+def _docs_with_examples():
+    pages = sorted(p for p in (ROOT / "docs").glob("*.md") if ">>> " in p.read_text())
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in _SLOW_DOCS else [])
+            for p in pages]
+
+
+@pytest.mark.parametrize("page", _docs_with_examples())
+def test_documentation_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    result = doctest.testfile(str(page), module_relative=False,
+                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} example(s) in docs/{page.name} failed"
+
+
+def test_extending_guide_covers_the_three_seams():
+    text = (ROOT / "docs" / "extending.md").read_text()
+    for call in ("register_backend(", "register_model(", "TransformProbes("):
+        assert f">>> {call}" in text or f"{call}" in text.split(">>> ", 1)[1], call
+    assert "extending.md" in {p.values[0].name for p in _docs_with_examples()}
+
+
 @pytest.mark.slow
 def test_walkthrough_runs_top_to_bottom(tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg")
