@@ -240,8 +240,8 @@ def _run_weights(args: argparse.Namespace) -> int:
     import json
 
     from ._io import sha256_file
-    from .recognition import weights as W
     from .recognition import weights_sidecar
+    from .recognition.facenet import weights as W
 
     if args.convert or args.force:
         path = W.ensure_weights(force=args.force)
