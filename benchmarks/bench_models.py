@@ -1,0 +1,203 @@
+"""The face models side by side: torch ports against onnxruntime, same/different-person cosines, throughput.
+
+Models: ``facenet`` (today's default), ``arcface-mbf`` (insightface
+w600k_mbf) and ``sface`` (OpenCV zoo 2021dec), all through the registry.
+
+1. **Port against the oracle** (ONNX models only): the torch port's raw
+   (unnormalised) outputs against onnxruntime's on the same float32 inputs;
+   relative error ``||e_torch - e_ort|| / ||e_ort||`` per crop, the largest
+   reported. Inputs: the five reference crops of ``tests/data/facenet-reference``
+   (160 px FaceNet crops, resized to 112 px bilinearly) and the four sample
+   photographs aligned with each model's crop by :class:`FaceAligner`.
+2. **Same person and different person**: cosine similarity of the
+   L2-normalised embeddings on the sample photographs (obama x3: 3 same
+   pairs; each obama with biden: 3 different pairs); the margin is the
+   smallest same-person cosine minus the largest different-person one.
+3. **Throughput**: aligned faces embedded per second (crops ready, batch
+   ``--batch``; the best of ``--repeat`` timed passes after one warm-up), for
+   every model in the same run; on the CPU also onnxruntime on the same
+   crops as the peer (one session per model, whole-batch calls where the
+   graph allows a batch, else one crop per call); and the aligner with
+   FaceNet's crop alone against the aligner cutting all three models' crops
+   from one detection (renders of 512x512 as in bench_recognition).
+
+    .venv/bin/python -m benchmarks.bench_models [--device cpu|cuda] [--batch 64] [--repeat 3]
+        [--random-weights] [--out benchmarks/out/models-<device>.json]
+
+``--random-weights`` times networks with seeded random values (the GPU host
+carries no weights); parts 1-2 then are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks._common import machine_info, sync, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT / "tests" / "data" / "facenet-reference"
+MODELS = ("facenet", "arcface-mbf", "sface")
+PHOTO_KEYS = ("obama", "obama2", "obama3", "biden")
+
+
+def _registry():
+    import mriface.recognition as rec
+    from mriface.recognition import arcface, sface  # noqa: F401 - registers the two ONNX models
+
+    return rec
+
+
+def reference_crops(size: int) -> torch.Tensor:
+    """The five reference faces as (5, 3, size, size) float 0..255 RGB."""
+    ims = [Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR) for p in sorted(REF.glob("*.png"))]
+    return torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in ims]).transpose(0, 3, 1, 2).copy())
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # SFace lists its initializers as inputs: ort warns once per tensor
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_run(sess, x: np.ndarray) -> np.ndarray:
+    """Run a session on a batch, one crop per call where the graph's batch is fixed at 1."""
+    inp = sess.get_inputs()[0]
+    if isinstance(inp.shape[0], int) and inp.shape[0] == 1:
+        return np.concatenate([sess.run(None, {inp.name: x[i:i + 1]})[0] for i in range(len(x))])
+    return sess.run(None, {inp.name: x})[0]
+
+
+def port_errors(model, crops: torch.Tensor) -> dict:
+    """Largest relative error of the torch port's raw outputs against onnxruntime, on normalised crops."""
+    x = crops.float().contiguous()
+    with torch.no_grad():
+        mine = model.model.float().cpu()(x).numpy().astype(np.float64)
+    model.model.to(model.device, model.dtype)
+    ref = ort_run(ort_session(model.weights_path), x.numpy()).astype(np.float64)
+    rel = np.linalg.norm(mine - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    return {"n": int(len(x)), "max_rel_error": float(rel.max()), "mean_rel_error": float(rel.mean())}
+
+
+def cosines(e: torch.Tensor) -> dict:
+    """Same-person (obama pairs) and different-person (obama-biden) cosines of 4 unit rows."""
+    c = (e.double() @ e.double().T).numpy()
+    same = [c[0, 1], c[0, 2], c[1, 2]]
+    diff = [c[0, 3], c[1, 3], c[2, 3]]
+    return {"same": [round(float(v), 4) for v in same], "different": [round(float(v), 4) for v in diff],
+            "margin": round(float(min(same) - max(diff)), 4),
+            "separates": bool(min(same) > max(diff))}
+
+
+def time_embed(model, crops: torch.Tensor, repeat: int) -> float:
+    """Best-of-``repeat`` faces per second of ``model.embed`` on ``crops`` (after one warm-up pass)."""
+    model.embed(crops)
+    best = float("inf")
+    for _ in range(repeat):
+        sync(model.device)
+        t = time.perf_counter()
+        model.embed(crops)
+        sync(model.device)
+        best = min(best, time.perf_counter() - t)
+    return len(crops) / best
+
+
+def time_ort(sess, x: np.ndarray, repeat: int) -> float:
+    ort_run(sess, x)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        ort_run(sess, x)
+        best = min(best, time.perf_counter() - t)
+    return len(x) / best
+
+
+def time_align(aligner, images: torch.Tensor, repeat: int) -> float:
+    aligner.align(images[:2])
+    best = float("inf")
+    for _ in range(repeat):
+        sync(aligner.device)
+        t = time.perf_counter()
+        aligner.align(images)
+        sync(aligner.device)
+        best = min(best, time.perf_counter() - t)
+    return len(images) / best
+
+
+def main(argv: "list[str] | None" = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64, help="crops per timed embed call")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--renders", type=int, default=16, help="512x512 renders for the aligner timing (0: skip)")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import warnings
+
+    rec = _registry()
+    from mriface.recognition import FaceAligner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # the insightface licence notice, once
+        models = {name: rec.get_model(name, device=args.device, random_weights=args.random_weights)
+                  for name in MODELS}
+    result: dict = {"machine": machine_info(args.device), "batch": args.batch, "repeat": args.repeat,
+                    "random_weights": args.random_weights,
+                    "models": {n: {"model_id": m.model_id(), "licence": m.licence} for n, m in models.items()}}
+
+    if not args.random_weights:
+        from mriface import datasets
+
+        photos = [datasets.fetch(k) for k in PHOTO_KEYS]
+        aligner = FaceAligner(device="cpu", crops=tuple(dict.fromkeys(m.crop for m in models.values())))
+        a = aligner.align(photos)
+        result["photos_found"] = a.found.tolist()
+        for name, m in models.items():
+            entry = result["models"][name]
+            entry["photos"] = cosines(m.embed(a))
+            if name == "facenet":
+                continue
+            ref = m.crop.normalise(reference_crops(m.crop.size))
+            entry["port_vs_onnxruntime"] = {"reference_crops": port_errors(m, ref),
+                                            "sample_photos": port_errors(m, a.crop_for(m.crop))}
+
+    gen = torch.Generator().manual_seed(0)
+    for name, m in models.items():
+        s = m.crop.size
+        crops = m.crop.normalise(torch.rand((args.batch, 3, s, s), generator=gen) * 255)
+        entry = result["models"][name]
+        entry["faces_per_s"] = round(time_embed(m, crops, args.repeat), 1)
+        if name != "facenet" and torch.device(args.device).type == "cpu":
+            sess = ort_session(m.weights_path)
+            entry["onnxruntime_faces_per_s"] = round(time_ort(sess, crops.numpy(), args.repeat), 1)
+            entry["onnxruntime_threads"] = "default (all cores)"
+
+    if args.renders:
+        from benchmarks.bench_recognition import make_renders
+
+        renders = make_renders(args.renders, 512)
+        one = FaceAligner(device=args.device)
+        every = FaceAligner(device=args.device, crops=tuple(dict.fromkeys(m.crop for m in models.values())))
+        result["align_renders_per_s"] = {
+            "n": args.renders, "facenet_crop_only": round(time_align(one, renders, args.repeat), 2),
+            "all_three_crops": round(time_align(every, renders, args.repeat), 2)}
+
+    out = Path(args.out or ROOT / "benchmarks" / "out" / f"models-{torch.device(args.device).type}.json")
+    write_json(result, out)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(main(), indent=2, default=str))
