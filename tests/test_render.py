@@ -279,8 +279,15 @@ def _cpu_reference_backend() -> str:
     return "embree"
 
 
+def _cuda_backends() -> list:
+    """The registered backends that run on CUDA ("auto" is zbuffer there)."""
+    from mriface.render import get_backend
+
+    return [b for b in available_backends() if get_backend(b).default_device != "cpu"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "pytorch3d"])
+@pytest.mark.parametrize("backend", _cuda_backends())
 def test_cuda_backends_agree_with_the_cpu_reference(small_head, backend):
     prot = RenderProtocol(views=4, image_size=128, seed=3)
     a = render_views([small_head], prot, backend=_cpu_reference_backend(), device="cpu").images
