@@ -96,3 +96,32 @@ def test_study_options_reach_run_study(tmp_path, monkeypatch):
     assert pp.azimuth_deg == (-40.0, 40.0) and pp.elevation_deg == (0.0, 20.0)
     assert seen["k"] == 7 and seen["bids_suffixes"] == ["FLAIR", "T1w"]
     assert seen["random_weights"] and seen["include_images"] and seen["source"] == "m.csv"
+
+
+def test_surface_and_render_take_a_mesh_file_wherever_they_take_a_scan(tmp_path, capsys):
+    """`mriface surface` and `mriface render` read OBJ/PLY meshes (face frame estimated) and mriface .npz surfaces."""
+    import numpy as np
+
+    from mriface.render._synthetic import synthetic_head
+    from mriface.surface import save_surface, save_surface_npz
+
+    head = synthetic_head(24, 32)  # a small made-up head with a nose, looking along +y
+    save_surface(head, tmp_path / "head.ply")
+    save_surface(head, tmp_path / "head.obj")
+    save_surface_npz(head, tmp_path / "head.npz")
+    assert main(["surface", str(tmp_path / "head.ply"), str(tmp_path / "head.obj"), "--out", str(tmp_path / "m")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("head.")]
+    assert len(lines) == 2
+    for line in lines:
+        cols = line.split()
+        assert cols[1:5] == ["-", "-", "mesh", "-"]  # no voxels, voxel size, threshold: a mesh
+        forward = np.array([float(c) for c in cols[7:10]])
+        assert forward @ np.asarray(head.frame.forward) > 0.95  # the estimated frame looks where the face does
+    assert (tmp_path / "m" / "head.ply").is_file()
+
+    out = tmp_path / "renders"
+    assert main(["render", str(tmp_path / "head.obj"), str(tmp_path / "head.npz"), "--out", str(out),
+                 "--views", "1", "--size", "32", "--device", "cpu", "--backend", "embree"]) == 0
+    assert len(list(out.rglob("*.png"))) == 2 and (out / "renders.csv").is_file()
+    assert main(["render", str(tmp_path / "nowhere.ply"), "--out", str(out)]) == 2
+    assert "nowhere.ply" in capsys.readouterr().err

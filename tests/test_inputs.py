@@ -156,3 +156,29 @@ def test_load_inputs_combines_and_probe_manifest_replaces_probes(tmp_path):
     assert [p.kind for p in inputs.problems] == ["unknown_participant"]
     assert list(inputs.photos) == ["A"]
     assert isinstance(ManifestError("x"), MRIFaceError)
+
+
+def test_load_scan_reads_a_volume_or_a_mesh_file(tmp_path):
+    """A manifest row's file: NIfTI -> Volume; OBJ/PLY/FreeSurfer/.npz -> HeadSurface with a face frame."""
+    import nibabel as nib
+    import numpy as np
+
+    from mriface.errors import InputFileError
+    from mriface.inputs import load_scan
+    from mriface.render._synthetic import synthetic_head
+    from mriface.surface import HeadSurface, save_surface, save_surface_npz
+    from mriface.volume import Volume
+
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(4, 5, 6), np.eye(4)), str(tmp_path / "v.nii.gz"))
+    assert isinstance(load_scan(tmp_path / "v.nii.gz"), Volume)
+    head = synthetic_head(24, 32)
+    save_surface(head, tmp_path / "h.ply")
+    nib.freesurfer.write_geometry(str(tmp_path / "lh.seghead"), head.verts.astype(np.float64), head.faces)
+    save_surface_npz(head, tmp_path / "h.npz")
+    for name in ("h.ply", "lh.seghead", "h.npz"):
+        s = load_scan(tmp_path / name)
+        assert isinstance(s, HeadSurface) and s.n_faces == head.n_faces, name
+        assert float(np.dot(s.frame.forward, head.frame.forward)) > 0.95, name
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputFileError, match="bad.npz: not a surface .npz written by mriface"):
+        load_scan(tmp_path / "bad.npz")
