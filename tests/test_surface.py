@@ -421,6 +421,18 @@ def test_faceless_y_up_mesh_falls_back_to_its_axes():
     assert _angle_deg(frame.forward, [0, 0, 1]) < 5 and _angle_deg(frame.up, [0, 1, 0]) < 5
 
 
+def test_face_scan_too_tight_for_a_nose_faces_where_it_was_scanned_from(tmp_path, voxface_surface):
+    # only the front 25 mm of the blurred 2 mm head: nothing 18-35 mm to the side of the nose
+    verts, faces, _ = _face_scan(voxface_surface, behind_mm=0.0)
+    yup = (verts @ _RAS_TO_YUP.T).astype(np.float32)
+    path = save_surface(HeadSurface(yup, faces, vertex_normals_np(yup, faces), voxface_surface.frame),
+                        tmp_path / "tight.ply")
+    with pytest.warns(UserWarning, match="no nose.*mean normal"):
+        frame = load_surface(path).frame
+    assert _angle_deg(frame.forward, _RAS_TO_YUP @ voxface_surface.frame.forward) < 15
+    assert _angle_deg(frame.up, _RAS_TO_YUP @ voxface_surface.frame.up) < 15
+
+
 def test_is_mesh_file(tmp_path):
     from mriface.surface import MESH_SUFFIXES, is_mesh_file
 

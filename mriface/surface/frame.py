@@ -128,7 +128,8 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0,
     5. No nose (the midline stands out less than 4.5 mm: defaced, or the face
        cut off): a warning, and ``forward``/``up`` are the mesh's anterior
        and superior axes (``axes``; RAS for ``"auto"``) projected into the
-       symmetry plane.
+       symmetry plane; an open shell's ``forward`` is the direction it faces
+       (its mean normal) instead.
 
     Parameters
     ----------
@@ -197,6 +198,7 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0,
     kern = np.exp(-0.5 * (np.arange(-6, 7) / 3.0) ** 2)
     kern /= kern.sum()
     prot_s = np.convolve(np.concatenate([prot[-6:], prot, prot[:6]]), kern, mode="valid")
+    shell = None
     if not closed:
         shell = _shell_direction(v, f)
         if shell is not None:
@@ -216,7 +218,7 @@ def estimate_face_frame(verts: np.ndarray, faces: np.ndarray, *, seed: int = 0,
     tip = mid[int(np.argmax(mid @ forward))]
     protrusion = float(tip @ forward - (lat @ forward).max())
     if protrusion < _MIN_NOSE_MM:
-        return _frame_without_nose(pts, n, p0, protrusion, "ras" if axes == "auto" else axes)
+        return _frame_without_nose(pts, n, p0, protrusion, axes, shell)
     up = np.cross(forward, n)
     up /= np.linalg.norm(up)
     if closed:
@@ -273,32 +275,42 @@ _MIN_NOSE_MM = 4.5
 
 
 def _frame_without_nose(pts: np.ndarray, n: np.ndarray, p0: np.ndarray, protrusion: float,
-                        axes: str = "ras") -> FaceFrame:
+                        axes: str = "ras", shell: "np.ndarray | None" = None) -> FaceFrame:
     """Frame of a head whose face is gone (defaced, or cut off by the field of view).
 
     Nothing on the surface says where the face was, so the mesh's axes
     decide within the mid-sagittal plane: ``forward`` is its anterior axis
-    and ``up`` its superior axis (``axes``: world +y and +z for ``"ras"``,
-    +z and +y for ``"y-up"``), both projected into the plane; the centre is
-    where the skin along ``forward`` would be, at mid-height of the midline,
-    15 mm inside. A warning says so.
+    and ``up`` its superior axis (``axes``: world +y and +z for ``"ras"`` and
+    ``"auto"``, +z and +y for ``"y-up"``), both projected into the plane.
+    An open shell (``shell``: its unit mean normal, see :func:`_shell_direction`)
+    was scanned from where the face looks: ``forward`` is that direction
+    instead, and ``up`` follows the mesh's nearer of y and z for ``"auto"``.
+    The centre is where the skin along ``forward`` would be, at mid-height
+    of the midline, 15 mm inside. A warning says so.
     """
     import warnings
 
-    ai, si = AXES[axes]
-    names = "scanner's anterior and superior axes" if axes == "ras" else "mesh's +z (forward) and +y (up) axes"
+    ai, si = AXES["ras" if axes == "auto" else axes]
+    names = "scanner's anterior and superior axes" if ai == 1 else "mesh's +z (forward) and +y (up) axes"
+    fwd = None
+    if shell is not None and np.linalg.norm(shell - (shell @ n) * n) > 0.3:
+        fwd = shell - (shell @ n) * n
+        names = "direction the open mesh faces (its mean normal)"
     warnings.warn(
         f"no nose found on the surface (midline protrudes {protrusion:.1f} mm, a face gives "
         f"> {_MIN_NOSE_MM:g} mm): defaced or face cut off? The face frame falls back to the "
         f"{names} within the symmetry plane",
         stacklevel=3,
     )
-    fwd = np.eye(3)[ai] - n[ai] * n
-    if np.linalg.norm(fwd) < 0.3:  # the symmetry plane faces anterior: keep its own axes
-        fwd = np.cross(n, np.eye(3)[si])
+    if fwd is None:
+        fwd = np.eye(3)[ai] - n[ai] * n
+        if np.linalg.norm(fwd) < 0.3:  # the symmetry plane faces anterior: keep its own axes
+            fwd = np.cross(n, np.eye(3)[si])
     fwd /= np.linalg.norm(fwd)
     up = np.cross(fwd, n)
     up /= np.linalg.norm(up)
+    if shell is not None and axes == "auto":
+        si = 1 + int(np.argmax(np.abs(up[1:])))
     if up[si] < 0:
         up = -up
     mid = pts[np.abs((pts - p0) @ n) < 6.0]
