@@ -20,7 +20,7 @@ from ..errors import MRIFaceError
 from .cameras import Cameras, look_at_face
 from .lights import Lights, Material, kelvin_to_rgb
 from .backends import Scene
-from .geometry import concat_meshes, front_faces
+from .geometry import front_faces
 from .rasterize import select_backend
 from .shade import shade
 
@@ -398,13 +398,12 @@ def render_views(
         _sync(dev)
         t1 = time.perf_counter()
         with torch.no_grad():
-            if len(chunk) == 1:
-                v_all, f_all, n_all = verts_l[0], faces_l[0], normals_l[0]
-            else:
-                v_all, f_all, _ = concat_meshes(verts_l, faces_l)
-                n_all = torch.cat(normals_l)
+            scene = Scene(tuple(verts_l), tuple(faces_l), mesh_index, cams, protocol.image_size)
+            # the joined meshes, which hits' face ids index (computed once, shared with the backend)
+            v_all, f_all = scene.joined
+            n_all = normals_l[0] if len(chunk) == 1 else torch.cat(normals_l)
             # only the covered pixels, as compact lists: no full-size fragments to fill and re-read
-            hits = impl.hits(Scene(tuple(verts_l), tuple(faces_l), mesh_index, cams, protocol.image_size))
+            hits = impl.hits(scene)
             _sync(dev)
             t2 = time.perf_counter()
             # one call over all hits: elementwise kernels then split the work exactly as shading
