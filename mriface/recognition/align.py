@@ -268,7 +268,7 @@ def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         (B, 2, 3) matrices ``M`` with ``dst ~ M[:, :, :2] @ src + M[:, :, 2]``.
     """
     src = src.to(torch.float64)
-    dst = dst.to(torch.float64, device=src.device).expand_as(src)
+    dst = dst.to(device=src.device, dtype=torch.float64).expand_as(src)
     ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
     s, d = src - ms, dst - md
     n2 = (s ** 2).sum((1, 2))
