@@ -21,6 +21,7 @@ from .errors import (
     ManifestError,
     MRIFaceError,
     SurfaceError,
+    TransformError,
     VolumeError,
     WeightsError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "WeightsError",
     "BackendError",
     "ManifestError",
+    "TransformError",
     *_LAZY,
 ]
 

@@ -82,13 +82,6 @@ class ProbeSource:
         return {}
 
 
-def _scan_probes(results: list) -> dict[str, list]:
-    probe_map: dict[str, list] = {}
-    for res in results:
-        probe_map.setdefault(res.subject, []).extend(res.probe_embeddings())
-    return probe_map
-
-
 class Photographs(ProbeSource):
     """Each participant's photographs (``photos=`` of :func:`~mriface.study.run_study`)."""
 
@@ -121,10 +114,29 @@ class Photographs(ProbeSource):
         return results, probe_map
 
 
-class ProbeScans(ProbeSource):
+class _Renders(ProbeSource):
+    """Probes that are renders of scans: ``role`` names their cache entries, ``label`` their progress bar."""
+
+    role = ""
+    label = ""
+
+    def scans(self, inputs: StudyInputs) -> list:
+        """The scans to render as probes."""
+        return inputs.gallery
+
+    def collect(self, inputs, probe_protocol, ctx):
+        results = ctx.scans(self.scans(inputs), self.role, probe_protocol, self.label,
+                            transform=self if isinstance(self, TransformProbes) else None)
+        probe_map: dict[str, list] = {}
+        for res in results:
+            probe_map.setdefault(res.subject, []).extend(res.probe_embeddings())
+        return results, probe_map
+
+
+class ProbeScans(_Renders):
     """Renders of the probe scans: a second BIDS session, a ``probe_scan`` column or ``probe_manifest``."""
 
-    mode = "scans"
+    mode, role, label = "scans", "probe-scan", "probe scans (scans)"
     description = "renders of other scans vs gallery renders"
 
     def check(self, inputs, protocol, probe_protocol):
@@ -132,15 +144,14 @@ class ProbeScans(ProbeSource):
             raise MRIFaceError("probes='scans' but there are no probe scans: add a probe_scan column, "
                                "--probe-manifest, or a second BIDS session")
 
-    def collect(self, inputs, probe_protocol, ctx):
-        results = ctx.scans(inputs.probe_scans, "probe-scan", probe_protocol, "probe scans (scans)")
-        return results, _scan_probes(results)
+    def scans(self, inputs):
+        return inputs.probe_scans
 
 
-class OtherProtocol(ProbeSource):
+class OtherProtocol(_Renders):
     """Renders of the gallery scans themselves under the probe protocol."""
 
-    mode = "protocol"
+    mode, role, label = "protocol", "probe-protocol", "probe scans (protocol)"
     description = "renders under another protocol vs gallery renders"
 
     def check(self, inputs, protocol, probe_protocol):
@@ -150,12 +161,8 @@ class OtherProtocol(ProbeSource):
             raise MRIFaceError("probe protocol equals the gallery protocol, so every probe would be a "
                                "gallery image: give a different --probe-seed or probe view ranges")
 
-    def collect(self, inputs, probe_protocol, ctx):
-        results = ctx.scans(inputs.gallery, "probe-protocol", probe_protocol, "probe scans (protocol)")
-        return results, _scan_probes(results)
 
-
-class TransformProbes(ProbeSource):
+class TransformProbes(_Renders):
     """Renders of each gallery scan after ``fn`` changed it: the hook for defacing methods.
 
     Parameters
@@ -189,7 +196,7 @@ class TransformProbes(ProbeSource):
     face has no probe to match and counts as a miss.
     """
 
-    mode = "transform"
+    mode, role = "transform", "probe-transform"
 
     def __init__(self, fn: Callable[[Any], Any], *, name: "str | None" = None, on: str = "volume",
                  key: "str | None" = None, cache: bool = True):
@@ -206,6 +213,7 @@ class TransformProbes(ProbeSource):
                           "version": key if key is not None else _callable_digest(fn)}
         self.cacheable = bool(cache) and " at 0x" not in repr(self._identity)
         self.description = f"renders of scans transformed by {self.name} vs gallery renders"
+        self.label = f"transformed scans ({self.name})"
 
     def __repr__(self) -> str:
         return f"TransformProbes({self.name!r}, on={self.on!r})"
@@ -234,10 +242,6 @@ class TransformProbes(ProbeSource):
                                  f"not a {type(obj).__name__}")
         return out
 
-    def collect(self, inputs, probe_protocol, ctx):
-        results = ctx.scans(inputs.gallery, "probe-transform", probe_protocol, f"transformed scans ({self.name})",
-                            transform=self)
-        return results, _scan_probes(results)
 
 
 def _code_text(code) -> str:

@@ -9,6 +9,7 @@ photographs. Both read and fill the cache (:mod:`mriface.study.cache`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -268,16 +269,21 @@ def _surface_for(scan: Scan, pipeline: Pipeline, cache: _cache.CacheLayout, timi
             return load_surface_npz(path)
         except (OSError, ValueError, KeyError):
             log.warning("surface cache %s is damaged; recomputing", path)
-    stage("load")
-    t0 = time.perf_counter()
-    volume = pipeline.load(scan.path)
-    timings["load"] = time.perf_counter() - t0
-    stage("surface")
-    t0 = time.perf_counter()
-    surface = pipeline.surface(volume)
-    timings["surface"] = time.perf_counter() - t0
+    with _timed("load", timings, stage):
+        volume = pipeline.load(scan.path)
+    with _timed("surface", timings, stage):
+        surface = pipeline.surface(volume)
     _cache.save_surface(surface, path)
     return surface
+
+
+@contextlib.contextmanager
+def _timed(name: str, timings: dict, stage: Callable[[str], None]):
+    """Announce stage ``name`` and record its seconds in ``timings`` when it finishes."""
+    stage(name)
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
 
 
 def _transformed_surface(scan: Scan, transform, pipeline: Pipeline, cache: _cache.CacheLayout,
@@ -285,24 +291,14 @@ def _transformed_surface(scan: Scan, transform, pipeline: Pipeline, cache: _cach
     """The transformed scan's HeadSurface: ``transform`` on the volume (then reconstructed) or on the surface."""
     if transform.on == "surface":
         surface = _surface_for(scan, pipeline, cache, timings, stage)
-        stage("transform")
-        t0 = time.perf_counter()
-        surface = transform.apply(surface, scan)
-        timings["transform"] = time.perf_counter() - t0
-        return surface
-    stage("load")
-    t0 = time.perf_counter()
-    volume = pipeline.load(scan.path)
-    timings["load"] = time.perf_counter() - t0
-    stage("transform")
-    t0 = time.perf_counter()
-    volume = transform.apply(volume, scan)
-    timings["transform"] = time.perf_counter() - t0
-    stage("surface")
-    t0 = time.perf_counter()
-    surface = pipeline.surface(volume)
-    timings["surface"] = time.perf_counter() - t0
-    return surface
+        with _timed("transform", timings, stage):
+            return transform.apply(surface, scan)
+    with _timed("load", timings, stage):
+        volume = pipeline.load(scan.path)
+    with _timed("transform", timings, stage):
+        volume = transform.apply(volume, scan)
+    with _timed("surface", timings, stage):
+        return pipeline.surface(volume)
 
 
 def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
@@ -370,25 +366,19 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
         return failed(exc)
     pipeline.prepare(int(protocol.image_size))  # models load outside the stage timings
     try:
-        stage("render")
-        t0 = time.perf_counter()
-        batch = pipeline.render(surface, scan.subject, protocol)
-        timings["render"] = time.perf_counter() - t0
+        with _timed("render", timings, stage):
+            batch = pipeline.render(surface, scan.subject, protocol)
     except MRIFaceError as exc:  # e.g. a surface with nothing in front of its face frame
         return failed(exc)
     if images_dir is not None:
         from ..render import write_renders
 
         write_renders(batch, images_dir / scan.subject)
-    stage("align")
-    t0 = time.perf_counter()
-    al = pipeline.align(batch.images)
-    timings["align"] = time.perf_counter() - t0
+    with _timed("align", timings, stage):
+        al = pipeline.align(batch.images)
     found = np.asarray(_np(al.found), bool).reshape(-1)
-    stage("embed")
-    t0 = time.perf_counter()
-    emb = _embed_found(pipeline, al.crops, found)
-    timings["embed"] = time.perf_counter() - t0
+    with _timed("embed", timings, stage):
+        emb = _embed_found(pipeline, al.crops, found)
     prob = np.asarray(_np(al.prob), float).reshape(-1)
     renders = _render_records(batch, al)
     meta = {"subject": scan.subject, "role": role, "scan": str(scan.path), "sha256": digest,
