@@ -111,7 +111,8 @@ def make_cohort(folder: Path, n_scans: int, photos_per: int, heads: list[str], s
 
 
 # --------------------------------------------------------------------------- 1. per scan
-def per_scan(heads: list[str], views: int, size: int, device: str, random_weights: bool) -> dict:
+def per_scan(heads: list[str], views: int, size: int, device: str, random_weights: bool,
+             model: str = "facenet") -> dict:
     import torch
 
     from mriface import datasets
@@ -119,7 +120,7 @@ def per_scan(heads: list[str], views: int, size: int, device: str, random_weight
     from mriface.render import RenderProtocol
     from mriface.study import Pipeline, process_scan
 
-    pipe = Pipeline(device=device, random_weights=random_weights)
+    pipe = Pipeline(device=device, model=model, random_weights=random_weights)
     # load the face models first: a study pays that once, not per scan
     pipe.embed(pipe.align(torch.zeros(1, size, size, 3)).crops[:0])
     pipe.embedder
@@ -141,12 +142,13 @@ def per_scan(heads: list[str], views: int, size: int, device: str, random_weight
     return {"heads": rows, "median_s": med, "median_cpu_s": statistics.median(r["cpu_s"] for r in rows),
             "median_cached_s": statistics.median(cached),
             "stage_median_s": {s: statistics.median(r[f"{s}_s"] for r in rows) for s in STAGES},
-            "views": views, "image_size": size, "device": str(pipe.device), "backend": pipe.backend}
+            "views": views, "image_size": size, "device": str(pipe.device), "backend": pipe.backend,
+            "model": model}
 
 
 # --------------------------------------------------------------------------- 2. the study's size
 def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list[str], device: str,
-               random_weights: bool, workdir: Path) -> dict:
+               random_weights: bool, workdir: Path, model: str = "facenet") -> dict:
     from mriface.study import run_study
 
     t0 = time.perf_counter()
@@ -156,12 +158,12 @@ def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = run_study(manifest, out=out, photos=photos, views=views, size=size, device=device,
-                  random_weights=random_weights, progress=False)
+                  random_weights=random_weights, model=model, progress=False)
     t_study = time.perf_counter() - t0
     stage = {s: sum(x.timings.get(s, 0.0) for x in r.scans) for s in STAGES}
     t0 = time.perf_counter()
     r2 = run_study(manifest, out=out, photos=photos, views=views, size=size, device=device,
-                   random_weights=random_weights, progress=False)
+                   random_weights=random_weights, model=model, progress=False)
     t_resume = time.perf_counter() - t0
     assert r2.computed == 0
     return {"scans": n_scans, "renders": n_scans * views, "photos": n_scans * photos_per,
@@ -169,7 +171,7 @@ def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list
             "study_s": t_study, "rerun_from_cache_s": t_resume, "stage_sums_s": stage,
             "photos_and_match_s": t_study - sum(stage.values()),
             "renders_per_s": n_scans * views / t_study, "rank1": r.summary["rank1"],
-            "failures": r.summary["failures"], "random_weights": random_weights}
+            "failures": r.summary["failures"], "random_weights": random_weights, "model": model}
 
 
 def main(argv=None) -> int:
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=None, help="renders per scan (default 10; --small 3)")
     ap.add_argument("--size", type=int, default=None, help="render size (default 512; --small 160)")
     ap.add_argument("--photos-per", type=int, default=None, help="photographs per participant (default 5; --small 2)")
-    ap.add_argument("--random-weights", action="store_true", help="untrained FaceNet (GPU host without weights)")
+    ap.add_argument("--random-weights", action="store_true", help="untrained face model (GPU host without weights)")
+    ap.add_argument("--model", default="facenet", help="face model (mriface.recognition.available_models())")
     ap.add_argument("--json", default=str(OUT / "study.json"), help="where to write the results")
     ap.add_argument("--skip-per-scan", action="store_true")
     ap.add_argument("--skip-study", action="store_true")
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     if not args.skip_per_scan:
-        ps = per_scan(heads, 10 if not small else views, size, args.device, args.random_weights)
+        ps = per_scan(heads, 10 if not small else views, size, args.device, args.random_weights, args.model)
         result["per_scan"] = ps
         print(f"\nPer scan, file -> {ps['views']} gallery embeddings at {size}x{size}, "
               f"{ps['device']} / {ps['backend']} (target <= 5 s median on 2 CPU cores)")
@@ -220,11 +223,12 @@ def main(argv=None) -> int:
     if not args.skip_study:
         if args.workdir:
             work = Path(args.workdir)
-            st = study_size(n_scans, photos_per, views, size, study_heads, args.device, args.random_weights, work)
+            st = study_size(n_scans, photos_per, views, size, study_heads, args.device, args.random_weights, work,
+                            args.model)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 st = study_size(n_scans, photos_per, views, size, study_heads, args.device, args.random_weights,
-                                Path(tmp))
+                                Path(tmp), args.model)
         result["study"] = st
         print(f"\nStudy end to end: {st['scans']} scans ({'+'.join(study_heads)} copies), {st['renders']} renders, "
               f"{st['photos']} photographs, {views} views at {size}x{size}, device {args.device}")
