@@ -20,6 +20,10 @@
   (``axes="auto"``, ``closed=False``, as ``load_surface`` calls it) and the
   whole head's frame. ``docs/surface.md`` quotes the table. Whole heads use
   real sample heads: only angles are reported, nothing that shows a face.
+* ``--golden ROOT``: no timing; runs :func:`~mriface.surface.extract_head_surface`
+  on voxface and pydeface (CPU) with the code checked out at ROOT and with this
+  checkout, each in its own process (``PYTHONPATH``), and compares vertices,
+  faces, normals and frame byte for byte (issue 8: a refactor changes nothing).
 
 ``--small`` uses the 2 mm voxface head and a 2 mm phantom (< 1 min on 2 cores).
 With ``--device cuda`` the speed part also runs the CPU path once and reports how
@@ -173,6 +177,46 @@ def bench_face_scans(heads: "list[str]") -> list:
     return rows
 
 
+_GOLDEN_CHILD = r"""
+import hashlib, json, sys
+import numpy as np
+import mriface
+from mriface import datasets, load_volume
+from mriface.surface import extract_head_surface
+out = {"mriface": mriface.__file__}
+for key in sys.argv[1:]:
+    s = extract_head_surface(load_volume(datasets.fetch(key)), device="cpu")
+    arrs = {"verts": s.verts, "faces": s.faces, "normals": s.normals,
+            "center": s.frame.center, "forward": s.frame.forward, "up": s.frame.up}
+    out[key] = {k: [str(a.dtype), list(a.shape), hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()]
+                for k, a in arrs.items()}
+print(json.dumps(out))
+"""
+
+
+def compare_with_checkout(golden_root: Path, heads: "list[str]") -> dict:
+    """SHA-256 of each surface array from the code at ``golden_root`` and from this checkout."""
+    import json
+    import os
+    import subprocess
+
+    def run(root: Path) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(root))
+        r = subprocess.run([sys.executable, "-c", _GOLDEN_CHILD, *heads], env=env, cwd="/",
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{root}: extraction failed\n{r.stderr}")
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        if not Path(got["mriface"]).resolve().is_relative_to(root.resolve()):
+            raise SystemExit(f"{root}: imported mriface from {got['mriface']}, not from there")
+        return got
+
+    gold, new = run(golden_root), run(ROOT)
+    return {k: {name: {"identical": gold[k][name] == new[k][name], "dtype": new[k][name][0],
+                       "shape": new[k][name][1], "sha256": new[k][name][2]} for name in new[k]}
+            for k in heads}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="2 mm voxface head and 2 mm phantom")
@@ -180,7 +224,18 @@ def main(argv=None) -> int:
     ap.add_argument("--head", default=None, help="sample head (default pycortex; --small: voxface)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--part", choices=("speed", "accuracy", "facescan", "all"), default="all")
+    ap.add_argument("--golden", type=Path, default=None,
+                    help="a pre-refactor checkout: compare extract_head_surface byte for byte, nothing else")
     args = ap.parse_args(argv)
+    if args.golden is not None:
+        cmp = compare_with_checkout(args.golden, ["voxface", "pydeface"])
+        ok = all(v["identical"] for arrs in cmp.values() for v in arrs.values())
+        for head, arrs in cmp.items():
+            for name, v in arrs.items():
+                print(f"{head:9s} {name:8s} {'identical' if v['identical'] else 'DIFFERENT':9s} "
+                      f"{v['dtype']:8s} {v['shape']} sha256 {v['sha256'][:16]}")
+        print(f"extract_head_surface vs {args.golden}: {'bit-identical' if ok else 'DIFFERENT'}")
+        return 0 if ok else 1
     from mriface._device import resolve_device
 
     device = resolve_device(args.device)
