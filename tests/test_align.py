@@ -115,3 +115,100 @@ def test_cuda_alignment_agrees_with_cpu(aligner):
     assert gpu.found.tolist() == cpu.found.tolist() == [True, False]
     assert gpu.crops.device.type == "cpu"
     torch.testing.assert_close(gpu.boxes[0], cpu.boxes[0], atol=1.0, rtol=0)
+
+
+# ------------------------------------------------------------------ image files: bit depth, size guard, large photos
+def _grey_face() -> np.ndarray:
+    return np.asarray(Image.fromarray(_photo("obama", 0.4)).convert("L"))
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path, aligner):
+    g8 = _grey_face()
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    from mriface.recognition import load_image
+
+    np.testing.assert_array_equal(load_image(tmp_path / "g16.png"), load_image(tmp_path / "g8.png"))
+    a = aligner.align([tmp_path / "g16.png", tmp_path / "g8.png"])
+    assert a.found.tolist() == [True, True] and a.prob[0] > 0.99
+    torch.testing.assert_close(a.crops[0], a.crops[1])
+    # arrays: uint16 is 16-bit data too
+    np.testing.assert_array_equal(load_image(g8.astype(np.uint16) * 257), load_image(g8))
+
+
+def test_16_bit_rgb_and_float_tiff(tmp_path):
+    from mriface.recognition import load_image
+
+    rgb = _photo("obama", 0.2)
+    cv2 = pytest.importorskip("cv2")  # a test dependency: writes 16-bit RGB, which Pillow cannot
+    cv2.imwrite(str(tmp_path / "rgb16.png"), (rgb.astype(np.uint16) * 257)[..., ::-1])
+    cv2.imwrite(str(tmp_path / "rgb16.tif"), (rgb.astype(np.uint16) * 257)[..., ::-1])
+    for name in ("rgb16.png", "rgb16.tif"):
+        np.testing.assert_array_equal(load_image(tmp_path / name), rgb)
+    g8 = _grey_face()
+    Image.fromarray(g8.astype(np.float32) / 255.0).save(tmp_path / "unit.tif")  # float in [0, 1]
+    Image.fromarray(g8.astype(np.float32)).save(tmp_path / "byte.tif")  # float in [0, 255]
+    Image.fromarray(g8.astype(np.float32) * 4.0 - 300.0).save(tmp_path / "any.tif")  # any range: stretched
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    want = np.repeat(g8[..., None], 3, 2)
+    np.testing.assert_array_equal(load_image(tmp_path / "unit.tif"), want)
+    np.testing.assert_array_equal(load_image(tmp_path / "byte.tif"), want)
+    stretched = load_image(tmp_path / "any.tif").astype(int)
+    lo, hi = int(g8.min()), int(g8.max())
+    assert np.abs(stretched - (want.astype(float) - lo) * 255 / (hi - lo)).max() <= 1
+
+
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG that declares width x height RGB pixels and holds none (only its header is read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_and_oversized_images_are_refused_naming_the_file(tmp_path, aligner):
+    import warnings
+
+    bomb, big = tmp_path / "bomb.png", tmp_path / "huge.png"
+    _png_header(bomb, 30000, 30000)  # 900 megapixels: Pillow's DecompressionBombError
+    _png_header(big, 10000, 9000)  # 90 megapixels: over mriface's own limit, under Pillow's error
+    with pytest.raises(InputFileError, match="bomb.png"):
+        aligner.align([bomb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns above 89 megapixels; the guard decides
+        with pytest.raises(InputFileError, match=r"huge.png is 10000x9000 pixels \(90 megapixels\)"):
+            aligner.align([big])
+
+
+def test_large_jpeg_is_decoded_reduced_and_reports_full_resolution_boxes(tmp_path):
+    face = Image.fromarray(_photo("obama", 1.0))
+    canvas = Image.new("RGB", (3400, 2600), (90, 90, 90))
+    canvas.paste(face.resize((face.width * 3 // 2, face.height * 3 // 2), Image.BICUBIC), (1200, 200))
+    path = tmp_path / "big.jpg"
+    canvas.save(path, quality=92)
+    from mriface.recognition.align import _load
+
+    arr, k = _load(path, 0, 1600)
+    assert k == 2 and arr.shape == (1300, 1700, 3)  # JPEG draft at 1/2
+    reduced = FaceAligner(device="cpu").align([path])
+    full = FaceAligner(device="cpu", decode_side=None).align([path])
+    assert reduced.found.all() and full.found.all()
+    # the same face in full-resolution pixels, whichever resolution it was decoded at
+    assert (reduced.boxes - full.boxes).abs().max() < 12
+    assert (reduced.landmarks - full.landmarks).abs().max() < 12
+    diff = (reduced.crops - full.crops).abs().mean().item()
+    # the same face, cut at half the resolution from a box that MTCNN placed a few pixels apart (0.107 measured)
+    assert diff < 0.15, diff
+
+
+def test_skipping_fine_pyramid_levels_keeps_the_boxes(aligner):
+    img = _photo("obama3", 1.0)  # 1434x2333: MTCNN's first level is 1400 px long
+    fine = FaceAligner(device="cpu", detect_side=None).align([img])
+    coarse = aligner.align([img])  # default detect_side=512 skips three levels
+    torch.testing.assert_close(coarse.boxes, fine.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(coarse.crops, fine.crops, atol=1e-5, rtol=0)
