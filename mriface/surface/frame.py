@@ -296,6 +296,8 @@ def _frame_without_nose(pts: np.ndarray, n: np.ndarray, p0: np.ndarray, protrusi
     if shell is not None and np.linalg.norm(shell - (shell @ n) * n) > 0.3:
         fwd = shell - (shell @ n) * n
         names = "direction the open mesh faces (its mean normal)"
+    elif axes == "auto":
+        names += " (taken as RAS; pass axes='y-up' for a mesh whose y axis is up)"
     warnings.warn(
         f"no nose found on the surface (midline protrudes {protrusion:.1f} mm, a face gives "
         f"> {_MIN_NOSE_MM:g} mm): defaced or face cut off? The face frame falls back to the "
