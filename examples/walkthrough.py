@@ -62,14 +62,17 @@ print("wrote", len(written), "PNGs and renders.csv to", OUT / "renders")
 # %% [markdown]
 # ## 4. Recognise: images -> aligned faces -> 512-d embeddings
 #
-# MTCNN finds the face and cuts a 160x160 crop; FaceNet (CASIA-WebFace
-# weights, converted offline on first use) embeds it.
+# A face model comes from the registry by name (`available_models()` lists
+# them); it says which crop it needs, and MTCNN finds the face and cuts that
+# crop: for FaceNet (CASIA-WebFace weights, converted offline on first use)
+# a 160x160 box crop.
 
 # %%
-from mriface.recognition import FaceAligner, FaceNetEmbedder
+from mriface.recognition import FaceAligner, available_models, get_model
 
-aligner = FaceAligner(device="cpu", min_face_size=32)  # renders are portraits: no tiny faces
-embedder = FaceNetEmbedder(device="cpu")
+print("face models:", available_models())
+embedder = get_model("facenet", device="cpu")
+aligner = FaceAligner(device="cpu", min_face_size=32, crops=(embedder.crop,))  # renders: no tiny faces
 g_al, p_al = aligner.align(gallery.images), aligner.align(probes.images)
 print("faces found in gallery renders:", g_al.found.tolist())
 g_emb, p_emb = embedder.embed(g_al), embedder.embed(p_al)  # NaN rows where no face

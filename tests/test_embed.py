@@ -93,7 +93,7 @@ def _trunk(model, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_embedder_agrees_with_cpu(reference, dtype):
     # random weights: the GPU host has no weights file; real-weight agreement is the CPU bfloat16 test
-    from mriface.recognition.weights import build_network
+    from mriface.recognition.facenet.weights import build_network
 
     crops, _ = reference
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from PIL import Image
 from mriface import datasets
 from mriface._io import sha256_file
 from mriface.errors import WeightsError
-from mriface.recognition import weights as W
+from mriface.recognition.facenet import weights as W
 
 REF = Path(__file__).parent / "data" / "facenet-reference"
 
@@ -180,3 +180,21 @@ def test_user_weights_by_argument_and_environment(tmp_path, monkeypatch):
     torch.save({"last_linear.weight": torch.zeros(512, 1792)}, partial)
     with pytest.raises(WeightsError, match="partial.pt"):
         W.build_network(partial)
+
+
+def test_old_import_path_names_the_same_objects():
+    from mriface.recognition import weights as old
+    from mriface.recognition.facenet import graph
+
+    assert old.read_graph is graph.read_graph and old.resolve_weights is W.resolve_weights
+    assert old.ENV_VAR == W.ENV_VAR and old.build_network is W.build_network
+
+
+def test_load_weights_file_hashes_the_bytes_it_loads(tmp_path):
+    import hashlib
+
+    state = {"w": torch.arange(6.0)}
+    path = tmp_path / "tiny.pt"
+    torch.save(state, path)
+    loaded, sha = W.load_weights_file(path)
+    assert torch.equal(loaded["w"], state["w"]) and sha == hashlib.sha256(path.read_bytes()).hexdigest()
