@@ -462,6 +462,45 @@ def _run_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- deface
+def _add_deface(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "deface",
+        help="deface a scan, a manifest or a BIDS folder (no FSL/FreeSurfer/AFNI needed)",
+        description="Write *_defaced.nii.gz with a JSON sidecar saying how it was made. IN is a scan "
+        "(OUT: the output file or a folder), a manifest CSV or a BIDS folder (OUT: a folder). The brain "
+        "mask's voxels stay byte-identical; the input is never overwritten. docs/deidentification.md "
+        "describes the methods.",
+    )
+    p.add_argument("input", metavar="IN", help="scan file, manifest CSV or BIDS folder")
+    p.add_argument("output", metavar="OUT", help="output file (one scan) or folder")
+    p.add_argument("--method", default="mask",
+                   help="mask (default), plane, blur, reface, or a method registered with mriface.deface.register_method")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    p.add_argument("--margin-mm", type=float, default=4.0, help="brain-protection margin, mm (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="registration sampling seed (default 0)")
+    p.set_defaults(func=_run_deface)
+
+
+def _run_deface(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deface.io import deface_batch, deface_file
+
+    src = Path(args.input).expanduser()
+    opts = {"method": args.method, "overwrite": args.overwrite, "margin_mm": args.margin_mm, "seed": args.seed}
+    if src.is_file() and not src.name.lower().endswith(".csv"):
+        info = deface_file(src, args.output, **opts)
+        print(f"{src} -> {args.output}: {info['voxels_changed_outside_brain_mask']} voxels changed, "
+              f"{info['voxels_changed_inside_brain_mask']} inside the brain mask")
+        return 0
+    res = deface_batch(src, args.output, progress=True, **opts)
+    print(f"{len(res.written)} scans defaced into {args.output}, {len(res.problems)} problems")
+    for prob in res.problems:
+        print(f"  problem: {prob}", file=sys.stderr)
+    return 0 if res.written or not res.problems else 1
+
+
 #: every subcommand's declaring function, in the order --help lists them
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     _add_fetch,
@@ -472,6 +511,7 @@ _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     _add_render,
     _add_surface,
     _add_cohort,
+    _add_deface,
 ]
 
 
