@@ -34,6 +34,8 @@ ROOT = HERE.parent
 #: quick-variant arguments of modules that define neither ``QUICK_ARGS`` nor ``--small``
 QUICK_DEFAULTS = {
     "bench_models": ["--device", "cpu", "--random-weights", "--repeat", "1", "--batch", "8", "--renders", "0"],
+    "bench_deface": ["--out", "benchmarks/out/deface-quick.json", "--heads", "voxface", "--variants", "orig",
+                     "--methods", "plane"],
 }
 
 
