@@ -25,7 +25,8 @@ w600k_mbf) and ``sface`` (OpenCV zoo 2021dec), all through the registry.
         [--random-weights] [--out benchmarks/out/models-<device>.json]
 
 ``--random-weights`` times networks with seeded random values (the GPU host
-carries no weights); parts 1-2 then are skipped.
+carries no FaceNet weights); parts 1-2 skip those models. On CUDA part 1 becomes
+the device against the CPU (float32, float16, bfloat16) on the reference crops.
 """
 
 from __future__ import annotations
@@ -96,39 +97,23 @@ def cosines(e: torch.Tensor) -> dict:
             "separates": bool(min(same) > max(diff))}
 
 
-def time_embed(model, crops: torch.Tensor, repeat: int) -> float:
-    """Best-of-``repeat`` faces per second of ``model.embed`` on ``crops`` (after one warm-up pass)."""
-    model.embed(crops)
-    best = float("inf")
+def interleaved(jobs: "dict[str, tuple[callable, int, torch.device]]", repeat: int) -> "dict[str, float]":
+    """Items per second of each ``name -> (fn, n_items, device)``, best of ``repeat`` rounds.
+
+    One warm-up call each, then every round runs every job once in turn, so
+    that on a shared machine all jobs see the same load.
+    """
+    for fn, _, _ in jobs.values():
+        fn()
+    best = {name: float("inf") for name in jobs}
     for _ in range(repeat):
-        sync(model.device)
-        t = time.perf_counter()
-        model.embed(crops)
-        sync(model.device)
-        best = min(best, time.perf_counter() - t)
-    return len(crops) / best
-
-
-def time_ort(sess, x: np.ndarray, repeat: int) -> float:
-    ort_run(sess, x)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        ort_run(sess, x)
-        best = min(best, time.perf_counter() - t)
-    return len(x) / best
-
-
-def time_align(aligner, images: torch.Tensor, repeat: int) -> float:
-    aligner.align(images[:2])
-    best = float("inf")
-    for _ in range(repeat):
-        sync(aligner.device)
-        t = time.perf_counter()
-        aligner.align(images)
-        sync(aligner.device)
-        best = min(best, time.perf_counter() - t)
-    return len(images) / best
+        for name, (fn, _, device) in jobs.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: round(jobs[name][1] / best[name], 2) for name in jobs}
 
 
 def main(argv: "list[str] | None" = None) -> dict:
@@ -137,9 +122,11 @@ def main(argv: "list[str] | None" = None) -> dict:
     p.add_argument("--batch", type=int, default=64, help="crops per timed embed call")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--renders", type=int, default=16, help="512x512 renders for the aligner timing (0: skip)")
-    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--random-weights", nargs="*", default=None, metavar="MODEL",
+                   help="models to time with seeded random weights (no names: all); parts 1-2 then skip them")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    randomized = set(MODELS if args.random_weights == [] else args.random_weights or ())
 
     import warnings
 
@@ -148,20 +135,21 @@ def main(argv: "list[str] | None" = None) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # the insightface licence notice, once
-        models = {name: rec.get_model(name, device=args.device, random_weights=args.random_weights)
+        models = {name: rec.get_model(name, device=args.device, random_weights=name in randomized)
                   for name in MODELS}
     result: dict = {"machine": machine_info(args.device), "batch": args.batch, "repeat": args.repeat,
-                    "random_weights": args.random_weights,
+                    "random_weights": sorted(randomized),
                     "models": {n: {"model_id": m.model_id(), "licence": m.licence} for n, m in models.items()}}
+    trained = {n: m for n, m in models.items() if n not in randomized}
 
-    if not args.random_weights:
+    if trained and torch.device(args.device).type == "cpu":
         from mriface import datasets
 
         photos = [datasets.fetch(k) for k in PHOTO_KEYS]
-        aligner = FaceAligner(device="cpu", crops=tuple(dict.fromkeys(m.crop for m in models.values())))
+        aligner = FaceAligner(device="cpu", crops=tuple(dict.fromkeys(m.crop for m in trained.values())))
         a = aligner.align(photos)
         result["photos_found"] = a.found.tolist()
-        for name, m in models.items():
+        for name, m in trained.items():
             entry = result["models"][name]
             entry["photos"] = cosines(m.embed(a))
             if name == "facenet":
@@ -169,17 +157,38 @@ def main(argv: "list[str] | None" = None) -> dict:
             ref = m.crop.normalise(reference_crops(m.crop.size))
             entry["port_vs_onnxruntime"] = {"reference_crops": port_errors(m, ref),
                                             "sample_photos": port_errors(m, a.crop_for(m.crop))}
+    elif trained:  # on CUDA: the same crops on the device against the CPU, at each precision
+        for name, m in trained.items():
+            ref = m.crop.normalise(reference_crops(m.crop.size))
+            cpu = rec.get_model(name, device="cpu").embed(ref).double()
+            agree = {}
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                m.model.to(dtype)
+                m.dtype = dtype
+                e = m.embed(ref).double()
+                agree[str(dtype).replace("torch.", "")] = {
+                    "min_cosine": round(float((e * cpu).sum(1).min()), 6),
+                    "max_rel_error": float(((e - cpu).norm(dim=1) / cpu.norm(dim=1)).max())}
+            m.model.to(torch.float32)
+            m.dtype = torch.float32
+            result["models"][name]["cuda_vs_cpu_reference_crops"] = agree
 
     gen = torch.Generator().manual_seed(0)
+    jobs = {}
     for name, m in models.items():
         s = m.crop.size
         crops = m.crop.normalise(torch.rand((args.batch, 3, s, s), generator=gen) * 255)
-        entry = result["models"][name]
-        entry["faces_per_s"] = round(time_embed(m, crops, args.repeat), 1)
-        if name != "facenet" and torch.device(args.device).type == "cpu":
-            sess = ort_session(m.weights_path)
-            entry["onnxruntime_faces_per_s"] = round(time_ort(sess, crops.numpy(), args.repeat), 1)
-            entry["onnxruntime_threads"] = "default (all cores)"
+        jobs[name] = (lambda m=m, c=crops: m.embed(c), args.batch, m.device)
+        if name != "facenet" and m.device.type == "cpu":
+            sess, x = ort_session(m.weights_path), crops.numpy()
+            jobs[f"{name} (onnxruntime)"] = (lambda s=sess, x=x: ort_run(s, x), args.batch, m.device)
+    result["embed_faces_per_s"] = interleaved(jobs, args.repeat)
+    result["embed_note"] = f"crops ready, batches of {args.batch}"
+    if torch.device(args.device).type == "cpu":
+        import onnxruntime
+
+        result["embed_note"] += (f"; peer: onnxruntime {onnxruntime.__version__} CPU provider, default threads, "
+                                 "SFace one crop per call (its graph fixes the batch at 1)")
 
     if args.renders:
         from benchmarks.bench_recognition import make_renders
@@ -187,9 +196,10 @@ def main(argv: "list[str] | None" = None) -> dict:
         renders = make_renders(args.renders, 512)
         one = FaceAligner(device=args.device)
         every = FaceAligner(device=args.device, crops=tuple(dict.fromkeys(m.crop for m in models.values())))
-        result["align_renders_per_s"] = {
-            "n": args.renders, "facenet_crop_only": round(time_align(one, renders, args.repeat), 2),
-            "all_three_crops": round(time_align(every, renders, args.repeat), 2)}
+        dev = torch.device(args.device)
+        result["align_renders_per_s"] = dict(n=args.renders, **interleaved(
+            {"facenet_crop_only": (lambda: one.align(renders), args.renders, dev),
+             "all_three_crops": (lambda: every.align(renders), args.renders, dev)}, args.repeat))
 
     out = Path(args.out or ROOT / "benchmarks" / "out" / f"models-{torch.device(args.device).type}.json")
     write_json(result, out)
