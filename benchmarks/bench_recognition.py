@@ -19,6 +19,13 @@ float16/bfloat16 agreement with float32; and the matching step.
 
     .venv/bin/python -m benchmarks.bench_recognition [--small] [--device cuda] [--random-weights]
     .venv/bin/python -m benchmarks.bench_recognition --choose-render-agg   # the render_agg measurement
+    .venv/bin/python -m benchmarks.bench_recognition --large-photos        # photo downscaling (issue 12)
+
+``--large-photos`` times :class:`FaceAligner` on a 4000x3000 JPEG (a sample
+photograph pasted onto a grey canvas at 1.6x), with the default downscaling
+and without it, and compares the sample photographs' FaceNet embeddings on
+the default path with the full-size path (``detect_side=None``,
+``decode_side=None``, the pre-refactor behaviour).
 
 ``--choose-render-agg`` renders the four sample heads (gallery: 5 protocol
 seeds x 10 views; probes: 5 seeds x 5 views under the same protocol and
@@ -187,6 +194,48 @@ def choose_render_agg(device: torch.device, out_path: Path, n_seeds: int = 5) ->
     return out
 
 
+def large_photos(out_path: Path, repeats: int = 5) -> dict:
+    """Photo downscaling: time a 4000x3000 JPEG, and check the sample photographs against the full-size path."""
+    import tempfile
+
+    from mriface import datasets
+    from mriface.recognition import FaceAligner, get_model
+
+    photos = [p for ps in datasets.sample_photos().values() for p in ps]
+    face = Image.open(photos[0]).convert("RGB")
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.jpg"
+        canvas = Image.new("RGB", (4000, 3000), (90, 90, 90))
+        canvas.paste(face.resize((int(face.width * 1.6), int(face.height * 1.6)), Image.BICUBIC), (1000, 200))
+        canvas.save(big, quality=92)
+        timings = {}
+        for name, kw in (("default", {}), ("full_size", {"detect_side": None, "decode_side": None})):
+            al = FaceAligner(device="cpu", **kw)
+            al.align([big])  # warm-up
+            wall, cpu = [], []
+            for _ in range(repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                a = al.align([big])
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            timings[name] = {"wall_s_best": min(wall), "wall_s_median": float(np.median(wall)),
+                             "cpu_s_best": min(cpu), "found": bool(a.found.all())}
+    model = get_model("facenet", device="cpu")
+    full = FaceAligner(device="cpu", detect_side=None, decode_side=None).align(photos)
+    dflt = FaceAligner(device="cpu").align(photos)
+    e_full, e_dflt = model.embed(full), model.embed(dflt)
+    cos = (e_full * e_dflt).sum(1)
+    out = {"machine": machine_info("cpu"), "photo_4000x3000": timings,
+           "sample_photos": {"files": [p.name for p in photos],
+                             "cosine_to_full_size_path": cos.tolist(),
+                             "max_box_difference_px": float((full.boxes - dflt.boxes).abs().max())}}
+    write_json(out, out_path)
+    print(f"4000x3000 JPEG: default {timings['default']['wall_s_best']:.3f} s "
+          f"(cpu {timings['default']['cpu_s_best']:.3f} s), full size {timings['full_size']['wall_s_best']:.3f} s; "
+          f"sample photographs: min cosine to the full-size path {float(cos.min()):.7f}")
+    return out
+
+
 def main(argv: "list[str] | None" = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="20 renders and 10 photographs")
@@ -200,8 +249,14 @@ def main(argv: "list[str] | None" = None) -> int:
                    help="share of the images the per-image peer runs on (default: 1 on CUDA, 0.1 on CPU)")
     p.add_argument("--choose-render-agg", action="store_true",
                    help="measure max/mean/centroid render aggregation on renders of the sample heads")
+    p.add_argument("--large-photos", action="store_true",
+                   help="time a 4000x3000 photograph and check downscaling on the sample photographs")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "recognition.json"))
     args = p.parse_args(argv)
+    if args.large_photos:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        large_photos(ROOT / "benchmarks" / "out" / "recognition_large_photos.json")
+        return 0
     if args.choose_render_agg:
         from mriface._device import resolve_device as _rd
 
@@ -211,7 +266,7 @@ def main(argv: "list[str] | None" = None) -> int:
     from mriface._device import resolve_device
     from mriface.recognition import FaceAligner, FaceNetEmbedder
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # FaceNetEmbedder directly: from_model() is needed for the precision runs
     n_r = args.renders or (20 if args.small else 840)
     n_p = args.photos or (10 if args.small else 420)
     frac = args.peer_fraction if args.peer_fraction is not None else (1.0 if device.type == "cuda" else 0.1)

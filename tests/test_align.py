@@ -211,4 +211,4 @@ def test_skipping_fine_pyramid_levels_keeps_the_boxes(aligner):
     fine = FaceAligner(device="cpu", detect_side=None).align([img])
     coarse = aligner.align([img])  # default detect_side=512 skips three levels
     torch.testing.assert_close(coarse.boxes, fine.boxes, atol=1e-3, rtol=0)
-    torch.testing.assert_close(coarse.crops, fine.crops, atol=1e-5, rtol=0)
+    torch.testing.assert_close(coarse.crops, fine.crops, atol=5e-4, rtol=0)

@@ -300,6 +300,17 @@ def _warp_arcface(img: torch.Tensor, points: torch.Tensor, size: int) -> torch.T
     return torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _planar(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) values stored plane by plane: a view of a contiguous (B, 3, H, W) tensor.
+
+    MTCNN permutes its input to (B, 3, H, W) and resamples it once per
+    pyramid level and per candidate box; on planar memory a 2000x1500
+    photograph's detection took 1.4 s of CPU instead of 1.4-3.3 s (loaded
+    2-core machine), with the same boxes to 1e-4 px.
+    """
+    return x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+
+
 class FaceAligner:
     """Detect one face per image with MTCNN and cut the crops the face models ask for.
 
@@ -478,6 +489,9 @@ class FaceAligner:
         if self.detect_side is not None and first > self.detect_side:
             steps = math.ceil(math.log(first / self.detect_side) / -math.log(mt.factor) - 1e-9)
             minsize = minsize / mt.factor ** steps
+            # only here, so that smaller images keep today's exact arithmetic (planar memory changes
+            # the resampling's summation order: about 1e-6 in an embedding)
+            x = _planar(x)
         batch_boxes, batch_points = detect_face(x, minsize, mt.pnet, mt.rnet, mt.onet, mt.thresholds,
                                                 mt.factor, self.device)
         boxes, probs, points = [], [], []
