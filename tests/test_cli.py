@@ -51,6 +51,10 @@ def test_study_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     m.write_text("subject,scan\nA,a.nii\n")
     err = _one_line_error(capsys, ["study", str(m), "--out", str(tmp_path / "o"), "--device", "nonsense"])
     assert "nonsense" in err
+    err = _one_line_error(capsys, ["study", str(m), "--out", str(tmp_path / "o"), "--model", "nonsense"])
+    assert "unknown face model 'nonsense'" in err and "facenet" in err
+    err = _one_line_error(capsys, ["study", str(m), "--out", str(tmp_path / "o"), "--backend", "nonsense"])
+    assert "nonsense" in err and "embree" in err
 
 
 def test_bad_range_option_is_rejected_by_argparse(tmp_path, capsys):

@@ -2,8 +2,10 @@
 
 Everything defined here lives in this test file, not in ``mriface/``: a
 plain Python function on a Volume passed to ``run_study`` as the probe
-transform, and a toy face model registered with
-:func:`mriface.recognition.register_model`. The studies run the real stages
+transform, a toy face model registered with
+:func:`mriface.recognition.register_model` and a toy render backend
+registered with :func:`mriface.render.register_backend` (the render tests
+have a rasterizer written from scratch; this one wraps embree). The studies run the real stages
 (reconstruction, embree renders, MTCNN) on the 2 mm voxface head, a rotated
 copy of it, and a mesh file of it, at a small image size; they share one
 cache, so each surface is reconstructed once.
@@ -66,6 +68,22 @@ class TinyModel:
 
 
 BUILT: list = []
+
+
+class CountingBackend:
+    """A toy render backend: embree's hits, counted (what a wrapper around another rasterizer looks like)."""
+
+    name, default_device, batches_meshes = "counting-test", "cpu", False
+    calls = 0
+
+    def __init__(self):
+        from mriface.render import get_backend
+
+        self.inner = get_backend("embree")
+
+    def hits(self, scene, **options):
+        type(self).calls += 1
+        return self.inner.hits(scene, **options)
 
 
 def tiny_factory(*, device="auto", weights=None, random_weights=False, **kw):
@@ -140,19 +158,25 @@ def test_a_defacing_function_as_the_probes_counts_defaced_participants_as_misses
 
 
 @pytest.mark.slow
-def test_a_face_model_registered_from_outside_runs_a_study(cohort, tmp_path):
+def test_a_face_model_and_a_backend_registered_from_outside_run_a_study(cohort, tmp_path):
     from mriface.recognition import available_models
+    from mriface.render import available_backends, register_backend, unregister_backend
 
     register_model("tiny-test", tiny_factory, replace=True)
-    assert "tiny-test" in available_models()
-    r = run_study(cohort / "volumes.csv", out=tmp_path / "tiny", model="tiny-test", views=VIEWS, size=SIZE,
-                  device="cpu", cache_dir=cohort / "cache", progress=False)
+    register_backend("counting-test", CountingBackend, replace=True)
+    assert "tiny-test" in available_models() and "counting-test" in available_backends()
+    try:
+        r = run_study(cohort / "volumes.csv", out=tmp_path / "tiny", model="tiny-test", backend="counting-test",
+                      views=VIEWS, size=SIZE, device="cpu", cache_dir=cohort / "cache", progress=False)
+    finally:
+        unregister_backend("counting-test")
     assert BUILT and sum(m.calls for m in BUILT) >= 2  # the study embedded with the toy model
-    assert r.summary["options"]["model"] == "tiny-test"
+    assert CountingBackend.calls >= 4  # and rendered every scan with the toy backend
+    assert r.summary["options"]["model"] == "tiny-test" and r.summary["options"]["backend"] == "counting-test"
     gallery = [x for x in r.scans if x.role == "gallery"]
     assert all(x.embeddings.shape == (VIEWS, 48) for x in gallery)
     assert list(r.participants["participant"]) == ["vox", "rot"]
     assert r.participants["true_rank"].between(1, 2).all()
     # the model's identity is in the cache key: the same study with FaceNet's id would not reuse these
-    assert r.computed == 4  # FaceNet's entries of the same scans are not reused: the model is in the key
+    assert r.computed == 4  # FaceNet's embree entries of the same scans are not reused: model, backend in the key
     assert all(x.n_found >= 1 for x in r.scans)  # MTCNN found faces; the toy model embedded them

@@ -56,10 +56,14 @@ class Pipeline:
     def __init__(self, *, device: str = "auto", backend: str = "auto", model: str = "facenet",
                  weights: "str | os.PathLike[str] | None" = None, random_weights: bool = False):
         from .._device import resolve_device
+        from ..recognition import available_models
         from ..render import resolve_backend
 
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device)
+        if model not in available_models():  # say so now, not after the first scan's surface
+            raise MRIFaceError(f"unknown face model {model!r}: available models are "
+                               f"{', '.join(available_models())} (mriface.recognition.register_model adds one)")
         self.model = model
         self.weights = weights
         self.random_weights = random_weights
