@@ -6,7 +6,9 @@ It says which crop it needs (a :class:`CropSpec`); the
 detection, so that several models share one detection. Models are created by
 name with :func:`get_model`; :func:`register_model` adds one (from a plug-in
 module, a test or a notebook, without editing mriface). ``"facenet"`` is
-registered when :mod:`mriface.recognition` is imported and is the default.
+registered when :mod:`mriface.recognition` is imported and is the default;
+the other plug-ins shipped with mriface (:data:`BUILTIN_PLUGINS`) register
+themselves on the first lookup.
 
 See ``docs/recognition.md`` ("Adding a face model") for a worked example.
 """
@@ -144,6 +146,9 @@ class Embedder(Protocol):
 
 
 Factory = Callable[..., Embedder]
+#: plug-in modules shipped with mriface; each registers its models when imported. They are imported on
+#: the first registry lookup, not with mriface.recognition, so that importing mriface stays cheap.
+BUILTIN_PLUGINS = ("mriface.recognition.arcface", "mriface.recognition.sface")
 # The registry is the one piece of module state the design allows: a name -> factory table that plug-ins
 # extend at import time; it holds no models and no data.
 _REGISTRY: "dict[str, Factory]" = {}
@@ -173,8 +178,18 @@ def register_model(name: str, factory: Factory, *, replace: bool = False) -> Non
     _REGISTRY[name] = factory
 
 
+def _load_builtins() -> None:
+    import importlib
+    import importlib.util
+
+    for module in BUILTIN_PLUGINS:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
 def available_models() -> "list[str]":
-    """Registered model names, sorted."""
+    """Registered model names, sorted (mriface's own plug-ins included)."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -200,6 +215,8 @@ def get_model(name: str = DEFAULT_MODEL, *, device: "str | torch.device" = "auto
     MRIFaceError
         ``name`` is not registered (the message lists the available ones).
     """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        _load_builtins()
     factory = _REGISTRY.get(name) if isinstance(name, str) else None
     if factory is None:
         raise MRIFaceError(f"unknown face model {name!r}: available models are "
