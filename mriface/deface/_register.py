@@ -163,7 +163,8 @@ def register_affine(scan: Volume, template: Volume, *, voxel_mm: float = 4.0, se
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         # a fixed number of samples, whatever the grid: MI's histogram needs tens of thousands
-        reg.SetMetricSamplingPercentage(min(1.0, samples / fixed.GetNumberOfPixels()), seed)
+        # SimpleITK reads seed 0 as "seed from the wall clock": shift it so every seed is reproducible
+        reg.SetMetricSamplingPercentage(min(1.0, samples / fixed.GetNumberOfPixels()), int(seed) + 1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
                                                      numberOfIterations=iters, relaxationFactor=0.6)
