@@ -38,16 +38,17 @@ class SFaceEmbedder(OnnxEmbedder):
 
     Examples
     --------
-    >>> from mriface import datasets
-    >>> from mriface.recognition import FaceAligner
+    Photographs go through ``FaceAligner(crops=(model.crop,))`` as in
+    :class:`~mriface.recognition.arcface.ArcFaceEmbedder`'s example; here,
+    crops made by hand:
+
+    >>> import torch
     >>> model = SFaceEmbedder(device="cpu")
-    >>> a = FaceAligner(device="cpu", crops=(model.crop,)).align(
-    ...     [datasets.fetch(k) for k in ("obama", "obama2", "biden")])
-    >>> e = model.embed(a)
-    >>> e.shape
-    torch.Size([3, 128])
-    >>> bool(e[0] @ e[1] > e[0] @ e[2])  # two photographs of one person are the closer pair
-    True
+    >>> model.dim, model.crop, model.licence
+    (128, CropSpec(size=112, alignment='arcface', normalisation='raw255'), 'Apache-2.0')
+    >>> e = model.embed(torch.full((2, 3, 112, 112), 128.0))  # two grey 0..255 crops
+    >>> e.shape, round(float(e[0] @ e[1]), 4)
+    (torch.Size([2, 128]), 1.0)
     """
 
     name = "sface"
