@@ -209,6 +209,6 @@ def test_large_jpeg_is_decoded_reduced_and_reports_full_resolution_boxes(tmp_pat
 def test_skipping_fine_pyramid_levels_keeps_the_boxes(aligner):
     img = _photo("obama3", 1.0)  # 1434x2333: MTCNN's first level is 1400 px long
     fine = FaceAligner(device="cpu", detect_side=None).align([img])
-    coarse = aligner.align([img])  # default detect_side=512 skips three levels
+    coarse = aligner.align([img])  # default detect_side=384 skips four levels
     torch.testing.assert_close(coarse.boxes, fine.boxes, atol=1e-3, rtol=0)
     torch.testing.assert_close(coarse.crops, fine.crops, atol=5e-4, rtol=0)

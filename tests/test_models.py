@@ -212,7 +212,7 @@ def facenet():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detect_side", [None, 512])
+@pytest.mark.parametrize("detect_side", [None, 384])
 def test_facenet_plug_in_reproduces_the_old_pipeline(facenet, detect_side):
     photos = [p for ps in datasets.sample_photos().values() for p in ps]
     a = FaceAligner(device="cpu", detect_side=detect_side).align(photos)

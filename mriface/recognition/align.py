@@ -40,12 +40,12 @@ at 1/2, 1/4 or 1/8 in the DCT domain; other formats: ``Image.reduce``),
 keeping its long side at least ``decode_side``: a portrait's face stays far
 larger than any crop. MTCNN then searches a pyramid whose first level is the
 image scaled by ``12 / min_face_size``; when that level's long side would
-exceed ``detect_side`` (default 512), detection starts at the first level of
+exceed ``detect_side`` (default 384), detection starts at the first level of
 the same pyramid that fits (``min_face_size`` raised by whole pyramid steps),
 so the boxes are those of the full-size path whenever the face is large
 enough to be found there (a resampled copy moved boxes by up to 25 px on the
 sample photographs). The smallest face found in a large image is then about
-``12 * long side / detect_side`` pixels of the decoded image (up to 1.4 times that), e.g. 47 px
+``12 * long side / detect_side`` pixels of the decoded image (up to 1.4 times that), e.g. 62 px
 in a 2000-px-long decoded photograph. Crops are cut from the decoded image.
 ``Alignment.boxes`` and ``landmarks`` are always in the pixels of the image as
 given (the file's full resolution, after its EXIF orientation).
@@ -363,7 +363,7 @@ class FaceAligner:
     def __init__(self, *, device: "str | torch.device" = "auto", crops: "Sequence[CropSpec] | None" = None,
                  image_size: int = 160, margin: int = DEFAULT_MARGIN, min_prob: float = DEFAULT_MIN_PROB,
                  select: str = "largest", min_face_size: int = 20, batch_size: int = 16,
-                 batch_pixels: int = 16 * 512 * 512, detect_side: "int | None" = 512,
+                 batch_pixels: int = 16 * 512 * 512, detect_side: "int | None" = 384,
                  decode_side: "int | None" = 1600) -> None:
         from facenet_pytorch import MTCNN
 
