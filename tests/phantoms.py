@@ -229,3 +229,129 @@ def resample_zooms(volume: Volume, voxel_mm) -> Volume:
     affine = volume.affine.copy()
     affine[:3, :3] = volume.affine[:3, :3] @ np.diag(scale)
     return Volume(data=data.astype(np.float32), affine=affine, modality=volume.modality, path=volume.path)
+
+
+# --------------------------------------------------------------------------- CT head on a head rest
+#: Hounsfield units of the CT phantom's materials
+CT_AIR, CT_SKIN, CT_BONE, CT_BRAIN = -1000.0, 40.0, 900.0, 35.0
+
+
+@dataclass(frozen=True)
+class HeadRest:
+    """A CT head rest: a curved cradle under the back of the head, touching it, and a flat table.
+
+    The cradle is a trough: a cylindrical shell about an axis parallel to z
+    (superior), lower half only (posterior, towards the table), cut at
+    ``|x| <= half_width`` and ``z_range``. Its inner surface is placed so
+    that the back of the head (y = -92 mm on the midline) sinks ``press`` mm
+    into it: head and cradle then share a contact patch (soft tissue pressed
+    onto the cradle, no air between them), whose size grows with ``press``
+    and with how closely ``radius`` matches the occiput's curvature (56 mm
+    across, 109 mm along z).
+
+    Attributes (mm, HU)
+    -------------------
+    radius : inner radius of the trough.
+    thickness : wall thickness.
+    press : how far the head sinks into the cradle on the midline.
+    half_width : the trough is cut at |x| <= half_width (226 mm wide for 113).
+    z_range : (z0, z1) extent along the head's axis.
+    hu : the cradle's material (plastic ~100..300, foam ~-300..-100).
+    table : also a flat table below the cradle (touching the cradle, not the head).
+    table_hu : the table's material.
+    """
+
+    radius: float = 90.0
+    thickness: float = 10.0
+    press: float = 4.0
+    half_width: float = 113.0
+    z_range: tuple = (-80.0, 70.0)
+    hu: float = 200.0
+    table: bool = True
+    table_hu: float = 300.0
+
+    @property
+    def axis_y(self) -> float:
+        """y (mm) of the trough's axis."""
+        return -92.0 + self.press + self.radius
+
+    @property
+    def bottom_y(self) -> float:
+        """y (mm) of the cradle's outer surface on the midline."""
+        return self.axis_y - self.radius - self.thickness
+
+    def signed_distance(self, X, Y, Z) -> np.ndarray:
+        """Approximate signed distance (mm, < 0 inside) to the cradle's solid; broadcastable grids."""
+        rho = np.sqrt(X * X + (Y - self.axis_y) ** 2)
+        d = np.maximum(self.radius - rho, rho - self.radius - self.thickness)
+        d = np.maximum(d, Y - self.axis_y)
+        d = np.maximum(d, np.abs(X) - self.half_width)
+        z0, z1 = self.z_range
+        return np.maximum(d, np.maximum(z0 - Z, Z - z1))
+
+
+def ct_head_phantom(
+    voxel_mm=(1.0, 1.0, 1.0),
+    *,
+    rest: "HeadRest | None" = None,
+    noise_hu: float = 20.0,
+    seed: int = 0,
+    sub: int = 1,
+) -> "tuple[Volume, HeadPhantom]":
+    """The analytic head as a CT scan (HU), optionally lying in a head rest that touches it.
+
+    The skin surface is :func:`head_phantom`'s (partial-volume edges; air
+    sinus), in a field of view 256 mm wide (x), 232 mm deep (y) and 232 mm
+    high (z), like a head CT's. Inside: a 7 mm skull (900 HU) 5 mm under the
+    skin and brain (35 HU). ``rest`` adds a :class:`HeadRest` (its solid
+    minus the head, partial-volume ramp one voxel wide), joined to the skin
+    over the contact patch. The same ``voxel_mm`` and ``seed`` with and
+    without ``rest`` give the same head voxels and noise, so that the two
+    surfaces can be compared directly.
+
+    Returns
+    -------
+    (Volume, HeadPhantom)
+        modality "ct"; the phantom describes the head alone (the truth
+        without the rest).
+    """
+    vox = np.asarray(voxel_mm, float)
+    mr, ph = head_phantom(tuple(vox), noise=0.0, sinus=True, sub=sub)
+    occ = np.clip((mr.data - 0.05) / 0.95, 0.0, 1.0)
+    # widen x from +-88 mm to +-128 mm (a head CT's field is ~250 mm)
+    pad = int(np.ceil(40.0 / vox[0]))
+    occ = np.pad(occ, ((pad, pad), (0, 0), (0, 0)))
+    origin = mr.affine[:3, 3] - np.array([pad * vox[0], 0.0, 0.0])
+    axes = [origin[i] + vox[i] * np.arange(occ.shape[i]) for i in range(3)]
+    X, Y, Z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    data = (CT_AIR + (CT_SKIN - CT_AIR) * occ).astype(np.float32)
+    # skull and brain: ellipsoids 5 and 12 mm inside the skull part of the skin
+    c, r = _SKULL
+
+    def inside(inset):
+        a = r - inset
+        return ((X - c[0]) / a[0]) ** 2 + ((Y - c[1]) / a[1]) ** 2 + ((Z - c[2]) / a[2]) ** 2 < 1.0
+
+    bone = inside(5.0)
+    brain = inside(12.0)
+    data[bone] = CT_BONE
+    data[brain] = CT_BRAIN
+    if rest is not None:
+        ramp = float(vox.mean())
+        parts = [(rest.signed_distance(X, Y, Z), rest.hu)]
+        if rest.table:
+            top = rest.bottom_y
+            # 10 mm thick, across the whole field, the length of the scan
+            d_tab = np.maximum(Y - top, top - 10.0 - Y) + 0.0 * X + 0.0 * Z
+            parts.append((d_tab, rest.table_hu))
+        for d, hu in parts:
+            frac = np.clip(0.5 - d / ramp, 0.0, 1.0).astype(np.float32)
+            # the rest fills what the head leaves free (pressed soft tissue)
+            frac = np.minimum(frac, 1.0 - occ)
+            data += frac * np.float32(hu - CT_AIR)
+    rng = np.random.default_rng(seed)
+    data += rng.normal(0.0, noise_hu, data.shape).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(vox)
+    affine[:3, 3] = origin
+    return Volume(data=data, affine=affine, modality="ct"), ph

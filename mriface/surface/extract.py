@@ -16,6 +16,7 @@ from .field import (
     _work_grid,
 )
 from .frame import estimate_face_frame
+from .headrest import rest_cap
 from .marching import _marching_cubes_np, marching_cubes_torch
 from .masks import ThresholdEstimate, _block_factors, _block_mean, _head_masks, estimate_threshold
 from .mesh import _largest_component, _outward, taubin_smooth, vertex_normals_np
@@ -58,6 +59,33 @@ def _decimated_field(field, factor: float, engine: str, lo_val: float):
 
         return F.pad(field[None, None], (1, 1, 1, 1, 1, 1), mode="constant", value=lo_val)[0, 0]
     return np.pad(field, 1, mode="constant", constant_values=lo_val)
+
+
+def _cap_rest(field, masks, grid, level: float, span: float, h: float, engine: str) -> None:
+    """Cut a head rest found on the coarse mask out of the (padded) field, in place (headrest.py)."""
+    got = rest_cap(masks.rest, masks.k, grid, level, 0.5 * span, h)
+    if got is None:
+        return
+    sls, cap, where, material = got
+    # the field carries a 1-voxel pad
+    sls = tuple(slice(s.start + 1, s.stop + 1) for s in sls)
+    if material is not None:
+        mwhere, mid, gain = material
+    if engine == "torch":
+        import torch
+
+        cap_t = torch.from_numpy(np.where(where, cap, np.float32(np.inf))).to(field.device)
+        box = torch.minimum(field[sls], cap_t)
+        if material is not None:
+            m_t = torch.from_numpy(mwhere).to(field.device)
+            box = torch.where(m_t, torch.minimum(box, level - gain * (box - mid)), box)
+        field[sls] = box
+    else:
+        box = field[sls]
+        np.minimum(box, cap, out=box, where=where)
+        if material is not None:
+            mcap = (np.float32(level) - np.float32(gain) * (box - np.float32(mid))).astype(np.float32)
+            np.minimum(box, mcap, out=box, where=mwhere)
 
 
 def extract_head_surface(
@@ -166,6 +194,8 @@ def extract_head_surface(
     else:
         field = _field_np(volume, grid, sigma, inner, outer, lo_val, hi_val)
     del inner, outer
+    if masks.rest is not None:
+        _cap_rest(field, masks, grid, level, hi_val - lo_val, h, eng)
     verts, faces = _iso_surface(field, level, eng)
     scale = 1.0
     if target_faces is not None and faces.shape[0] > target_faces:

@@ -5,12 +5,13 @@ Steps 1-3 of :func:`~mriface.surface.extract_head_surface` (``docs/surface.md``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import SurfaceError
 from ..volume import Volume
+from .headrest import RestCut, split_rest
 
 __all__ = ["ThresholdEstimate", "estimate_threshold"]
 
@@ -177,6 +178,16 @@ def _fill_holes(mask: np.ndarray, axis: "int | None") -> np.ndarray:
     return mask | ~outside[labels]
 
 
+def _filled(head: np.ndarray) -> np.ndarray:
+    """``head`` with its internal air filled, in 3D and in every axial, coronal and sagittal slice."""
+    filled = _fill_holes(head, None)
+    # sinuses, airway and ear canals open to the outside in 3D but are closed
+    # rings in slices across them
+    for axis in range(3):
+        filled |= _fill_holes(head, axis)
+    return filled
+
+
 @dataclass(frozen=True)
 class _HeadMasks:
     """Coarse-grid masks (shape of the block-averaged volume)."""
@@ -185,6 +196,7 @@ class _HeadMasks:
     interior: np.ndarray  # certainly inside: filled head, eroded
     exterior: np.ndarray  # certainly air: far from the head
     k: tuple              # block factors
+    rest: "RestCut | None" = None  # a head rest cut off at the skin (headrest.py), or None
 
 
 def _head_masks(volume: Volume, est: ThresholdEstimate, coarse_mm: float, coarse=None) -> _HeadMasks:
@@ -226,11 +238,20 @@ def _head_masks(volume: Volume, est: ThresholdEstimate, coarse_mm: float, coarse
             f"{volume.name}: no head found (air/tissue contrast {est.contrast:.1f}, largest object "
             f"{head_mm3 / 1000:.0f} cm^3); is this a head scan? Give a volume showing the whole face"
         )
-    filled = _fill_holes(head_c, None)
-    # sinuses, airway and ear canals open to the outside in 3D but are closed
-    # rings in slices across them
-    for axis in range(3):
-        filled |= _fill_holes(head_c, axis)
+    filled = _filled(head_c)
+    # a head rest, cradle or table lying against the skin is joined to the
+    # head over the contact patch and survives the opening above: cut it off
+    # by shape (thin and far-reaching; headrest.py). On the filled head: an
+    # MR skull is dark, and the scalp over it is a thin shell too.
+    rest = split_rest(filled, cmm, coarse[crop], est.air)
+    if rest is not None:
+        rest = replace(rest, box=crop)
+        labels, _ = ndi.label(head_c & ~rest.rest)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        head_c = labels == int(np.argmax(sizes))
+        head[crop] = head_c
+        filled = _filled(head_c)
     # border_value=1: the head may be cut by the scan's edge (neck, chin);
     # that cut is not skin and must not erode the interior. Where the box is
     # inside the array its border is air (the margin), so this changes nothing.
@@ -240,7 +261,13 @@ def _head_masks(volume: Volume, est: ThresholdEstimate, coarse_mm: float, coarse
     interior = np.zeros(mask.shape, bool)
     exterior = np.ones(mask.shape, bool)
     interior[crop], exterior[crop] = interior_c, exterior_c
-    return _HeadMasks(head=head, interior=interior, exterior=exterior, k=k)
+    if rest is not None:
+        # certain tissue is never capped
+        mat = rest.material
+        if mat is not None:
+            mat = (mat[0] & ~interior_c,) + tuple(mat[1:])
+        rest = replace(rest, zone=rest.zone & ~interior_c, material=mat)
+    return _HeadMasks(head=head, interior=interior, exterior=exterior, k=k, rest=rest)
 
 
 def _margin_box(mask: np.ndarray, margin: int) -> "tuple[slice, slice, slice]":
