@@ -1,0 +1,616 @@
+"""How a study's per-scan work is spread over processes: the executor seam.
+
+:func:`~mriface.study.run_study` hands each list of scans to an executor
+(``executor=``, ``workers=``; ``mriface study --workers N`` / ``--ray``):
+
+* ``"sequential"`` - one scan after another in this process (the reference path);
+* ``"streaming"`` (:class:`StreamingExecutor`) - a pool of worker processes
+  loads and reconstructs the scans ahead of this process, which renders,
+  aligns and embeds them on the device in the study's order, and aligns the
+  participants' photographs while it would otherwise wait for a surface;
+* ``"ray"`` (:class:`mriface.study.ray_executor.RayExecutor`) - the same split
+  with Ray tasks for the CPU stages and Ray actors holding the models.
+
+Why results are identical to the sequential path
+------------------------------------------------
+A worker only *fills the cache*: it runs the surface stage
+(:func:`mriface.study.stages._surface_for`: load, reconstruct, write the
+surface entry atomically) and sends back nothing but timings. This process
+then calls the very same :func:`~mriface.study.stages.process_scan` on every
+scan, in order; it finds the surface in the cache (an uncompressed ``.npz``
+that reads back bit for bit) and does render, align and embed exactly as the
+sequential path would. Everything that decides a result - cache keys,
+problems, the render entry - stays in one place. A worker that fails or dies
+costs nothing but time: the scan is then simply reconstructed here. A
+killed study resumes from the cache as before, and a resumed scan whose
+surface is cached costs a worker one file hash.
+
+Memory stays flat as the cohort grows: surfaces travel through the cache
+folder, not through queues; at most ``lookahead`` scans are handed out
+beyond the one being rendered, and each worker holds one volume at a time.
+
+Each worker runs its numerical libraries on ``threads`` threads (default 1),
+so that N workers do not each start a thread per core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ..errors import MRIFaceError
+
+__all__ = ["EXECUTORS", "Executor", "StreamingExecutor", "default_workers", "open_executor", "busy_summary"]
+
+log = logging.getLogger("mriface.study")
+
+#: Executor names accepted by ``run_study(executor=...)``.
+EXECUTORS = ("auto", "sequential", "streaming", "ray")
+
+#: Environment variables that size the thread pools of OpenMP, BLAS and friends.
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def open_executor(executor: "str | Executor | None" = "auto", workers: "int | None" = None, *,
+                  ray_address: "str | None" = None) -> "Executor":
+    """An executor by name (use it as a context manager: it owns processes).
+
+    Parameters
+    ----------
+    executor : str or Executor
+        ``"auto"`` (``"streaming"`` when ``workers`` > 1, else ``"sequential"``),
+        ``"sequential"``, ``"streaming"`` or ``"ray"``; an :class:`Executor` is returned as is.
+    workers : int, optional
+        Worker processes for ``"streaming"`` (default: :func:`default_workers`);
+        for ``"ray"``, the CPUs of a runtime started here.
+    ray_address : str, optional
+        For ``"ray"``: a cluster's address (``"auto"``, ``"10.0.0.5:6379"``);
+        None starts a local Ray runtime.
+    """
+    if isinstance(executor, Executor):
+        return executor
+    if executor is None:
+        executor = "auto"
+    if executor not in EXECUTORS:
+        raise MRIFaceError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)}")
+    if workers is not None and int(workers) < 1:
+        raise MRIFaceError(f"workers={workers}: give at least 1 worker process")
+    if executor == "auto":
+        executor = "streaming" if workers is not None and int(workers) > 1 else "sequential"
+    if executor == "sequential":
+        return Executor()
+    if executor == "streaming":
+        return StreamingExecutor(workers=int(workers) if workers is not None else default_workers())
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(address=ray_address, num_cpus=workers)
+
+
+# --------------------------------------------------------------------------- the seam
+class Executor:
+    """The sequential executor, and the interface of the others.
+
+    ``RunContext.scans`` asks :meth:`plan` for the function that processes
+    each scan of a list (called in the list's order, with
+    :func:`~mriface.study.stages.process_scan`'s signature). The photograph
+    probes ask :meth:`photo` for each participant's result; :meth:`expect_photos`
+    announces them early so that an executor may align them while it waits.
+    """
+
+    name = "sequential"
+
+    def __init__(self):
+        self.stats: dict[str, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Stop whatever the executor started; log its busy times."""
+
+    def plan(self, ctx: Any, scans: Sequence[Any], role: str, protocol: Any, *,
+             transform: Any = None) -> Callable[..., Any]:
+        """The function that processes each of ``scans`` (in order), like ``process_scan``."""
+        from .stages import process_scan
+
+        return process_scan
+
+    def expect_photos(self, ctx: Any, items: Iterable[tuple[str, Sequence[Path]]]) -> None:
+        """The participants' photographs that :meth:`photo` will be asked for (a hint)."""
+
+    def photo(self, ctx: Any, participant: str, paths: Sequence[Path]) -> Any:
+        """One participant's :class:`~mriface.study.stages.PhotoResult`."""
+        from .stages import process_photos
+
+        return process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
+
+
+# --------------------------------------------------------------------------- busy time and overlap
+def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: Iterable[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(u: list, v: list) -> float:
+    i = j = 0
+    total = 0.0
+    while i < len(u) and j < len(v):
+        lo, hi = max(u[i][0], v[j][0]), min(u[i][1], v[j][1])
+        total += max(0.0, hi - lo)
+        if u[i][1] < v[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def busy_summary(intervals: Sequence[tuple[str, str, float, float]], wall: float) -> dict:
+    """Per-stage busy seconds and how much the workers' and this process's work overlapped.
+
+    Parameters
+    ----------
+    intervals : sequence of (where, stage, start, end)
+        ``where`` is ``"workers"`` or ``"main"``; times from ``time.time()`` (seconds).
+    wall : float
+        Seconds from the first hand-out to the last result.
+    """
+    busy: dict[str, float] = {}
+    for where, stage, a, b in intervals:
+        busy[f"{stage} ({where})"] = busy.get(f"{stage} ({where})", 0.0) + (b - a)
+    workers = _union((a, b) for w, _, a, b in intervals if w == "workers")
+    main = _union((a, b) for w, s, a, b in intervals if w == "main" and s != "wait")
+    both = _intersection(workers, main)
+    total = sum(busy.values()) - busy.get("wait (main)", 0.0)
+    return {"wall_s": wall, "busy_s": busy, "workers_busy_s": _length(workers), "main_busy_s": _length(main),
+            "overlap_s": both, "overlap_fraction": both / wall if wall > 0 else 0.0,
+            "parallelism": total / wall if wall > 0 else 0.0}
+
+
+def log_busy(name: str, summary: dict) -> None:
+    """One log line: the stages' busy time and their overlap."""
+    busy = ", ".join(f"{k} {v:.2f} s" for k, v in summary["busy_s"].items())
+    log.info("executor %s: wall %.2f s; busy: %s; workers and main busy at once %.2f s (%.0f%% of wall); "
+             "work / wall = %.2f", name, summary["wall_s"], busy, summary["overlap_s"],
+             100 * summary["overlap_fraction"], summary["parallelism"])
+
+
+# --------------------------------------------------------------------------- worker side
+def worker_copy(pipeline: Any) -> Any:
+    """A copy of the pipeline to send to a worker: the same options, no models built."""
+    twin = copy.copy(pipeline)
+    if isinstance(getattr(twin, "_aligner", None), dict):
+        twin._aligner = {}
+    if hasattr(twin, "_embedder"):
+        twin._embedder = None
+    return twin
+
+
+def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path") -> dict:
+    """Worker side: make sure ``scan``'s surface is in the cache (load + reconstruct + write).
+
+    Returns
+    -------
+    dict
+        ``timings`` (seconds of ``load``/``surface``; empty when the surface
+        was cached), ``intervals`` [(stage, start, end)] in ``time.time()``
+        seconds, ``digests`` (the pipeline's file-hash memo for this scan, so
+        that this process need not hash the file again), ``pid``.
+    """
+    from . import cache as _cache
+    from .stages import _surface_for
+
+    timings: dict[str, float] = {}
+    _surface_for(scan, pipeline, _cache.CacheLayout(cache_root), timings, lambda name: None)
+    end = time.time()
+    intervals = []
+    for stage in reversed([s for s in ("load", "surface") if s in timings]):
+        intervals.append((stage, end - timings[stage], end))
+        end -= timings[stage]
+    memo = getattr(pipeline, "_digests", None)
+    digests = {k: v for k, v in memo.items() if k and k[0] == str(scan.path)} if isinstance(memo, dict) else {}
+    return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid()}
+
+
+def _limit_threads(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+            torch.set_num_interop_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _worker_main(conn: Any, threads: int) -> None:
+    """A streaming worker: ``("setup", pipeline, cache_root)``, then (generation, index, scan) tasks until None.
+
+    Started before the study knows its pipeline, so that its imports overlap
+    with reading the inputs; the pipeline comes as the first message.
+
+    One pipe per worker, not a shared queue: a worker killed while it waits
+    on a shared queue would hold the queue's lock and stall the others.
+    """
+    _limit_threads(threads)
+    from .stages import _surface_for  # noqa: F401 - import the stages now, before the first scan arrives
+
+    pipeline = cache_root = None
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        if task[0] == "setup":
+            _, pipeline, cache_root = task
+            continue
+        gen, idx, scan = task
+        conn.send(("start", gen, idx, os.getpid()))
+        try:
+            out = prefetch_surface(pipeline, scan, cache_root)
+            conn.send(("done", gen, idx, out))
+        except Exception as exc:  # noqa: BLE001 - reported; the main process then does the scan itself
+            first = (str(exc).splitlines() or [""])[0]
+            conn.send(("failed", gen, idx, f"{type(exc).__name__}: {first}"))
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int):
+    """Set the thread-pool variables for processes started inside (spawned children copy os.environ)."""
+    old = {k: os.environ.get(k) for k in _THREAD_ENV}
+    os.environ.update({k: str(threads) for k in _THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+
+# --------------------------------------------------------------------------- the streaming executor
+class _Worker:
+    """One worker process, its pipe and the tasks handed to it."""
+
+    def __init__(self, proc: Any, conn: Any):
+        self.proc, self.conn = proc, conn
+        self.assigned: list[tuple[int, int]] = []  # (generation, index), oldest first
+
+
+class StreamingExecutor(Executor):
+    """Load and reconstruct scans in worker processes while this process renders, aligns and embeds.
+
+    Parameters
+    ----------
+    workers : int
+        Worker processes (default: the machine's cores).
+    lookahead : int, optional
+        Scans handed out beyond the one this process is on (default ``2 * workers``).
+    threads : int
+        Threads of each worker's numerical libraries (default 1).
+    start_method : str
+        ``"spawn"`` (default) or ``"forkserver"``; never ``"fork"``: a forked
+        copy of a process that has used torch's thread pools can hang.
+
+    Attributes
+    ----------
+    stats : dict
+        After :meth:`close`: busy seconds per stage and where (``busy_s``),
+        ``overlap_s`` (workers and this process busy at once), ``wall_s``,
+        ``prefetched`` (surfaces made by workers), ``computed_here`` (scans a
+        worker could not do), ``worker_deaths``.
+
+    Notes
+    -----
+    A thread of this process feeds the workers (two tasks each, so that
+    none idles while this process renders) and collects their answers; it
+    notices a worker that died (killed, out of memory) by its process
+    sentinel: the scans it held are then done here, and a new worker starts.
+    """
+
+    name = "streaming"
+    backlog = 2
+
+    def __init__(self, workers: "int | None" = None, *, lookahead: "int | None" = None, threads: int = 1,
+                 start_method: str = "spawn"):
+        super().__init__()
+        self.workers = int(workers) if workers is not None else default_workers()
+        if self.workers < 1:
+            raise MRIFaceError(f"workers={workers}: give at least 1 worker process")
+        if start_method == "fork":
+            raise MRIFaceError("start_method='fork': use 'spawn' or 'forkserver' (torch and fork do not mix)")
+        self.lookahead = int(lookahead) if lookahead is not None else 2 * self.workers
+        self.threads = max(1, int(threads))
+        self.start_method = start_method
+        self._mp = None
+        self._setup: "tuple | None" = None
+        self._pool: list[_Worker] = []
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, int, Any]] = []
+        self._done: dict[tuple[int, int], tuple[str, Any]] = {}
+        self._respawn = 0
+        self._stop = False
+        self._thread: "threading.Thread | None" = None
+        self._gen = 0
+        self._t0: "float | None" = None
+        self._intervals: list[tuple[str, str, float, float]] = []
+        self._prefetched = self._fallbacks = self._deaths = 0
+        self._photo_todo: list = []
+        self._photo_done: dict[str, tuple[list, Any]] = {}
+        self._ctx = None
+
+    # ---- processes
+    def __enter__(self):
+        self._processes()
+        return self
+
+    def _processes(self) -> None:
+        """Start the workers (before the pipeline is known: their imports overlap with the study's set-up)."""
+        if self._mp is None:
+            self._mp = mp.get_context(self.start_method)
+            for _ in range(self.workers):
+                self._spawn()
+
+    def _start(self, pipeline: Any, cache_root: Path) -> None:
+        if self._thread is not None:
+            return
+        self._processes()
+        self._setup = ("setup", worker_copy(pipeline), str(cache_root))
+        with self._cond:
+            for w in self._pool:
+                w.conn.send(self._setup)
+        self._thread = threading.Thread(target=self._dispatch, name="mriface-dispatch", daemon=True)
+        self._thread.start()
+        log.info("executor streaming: %d worker processes (%s, %d thread%s each), lookahead %d scans",
+                 self.workers, self.start_method, self.threads, "" if self.threads == 1 else "s", self.lookahead)
+
+    def _spawn(self) -> None:
+        """Start one worker (on the calling thread: the thread-pool variables go through os.environ)."""
+        ours, theirs = self._mp.Pipe(duplex=True)
+        p = self._mp.Process(target=_worker_main, name="mriface-surface", args=(theirs, self.threads), daemon=True)
+        with _thread_env(self.threads):
+            p.start()
+        theirs.close()
+        if self._setup is not None:
+            with contextlib.suppress(OSError, ValueError):
+                ours.send(self._setup)
+        with self._cond:
+            self._pool.append(_Worker(p, ours))
+            self._cond.notify_all()
+
+    def _dispatch(self) -> None:
+        """Dispatcher thread: hand out tasks, collect answers, notice dead workers."""
+        from multiprocessing.connection import wait
+
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                pool = list(self._pool)
+                # hand out: the oldest pending tasks to the least loaded live workers
+                for w in sorted(pool, key=lambda w: len(w.assigned)):
+                    while self._pending and len(w.assigned) < self.backlog:
+                        gen, idx, scan = self._pending.pop(0)
+                        try:
+                            w.conn.send((gen, idx, scan))
+                        except (OSError, ValueError):  # it just died: the sentinel below says so
+                            self._pending.insert(0, (gen, idx, scan))
+                            break
+                        w.assigned.append((gen, idx))
+                if not pool and self._pending and self._respawn == 0:
+                    for gen, idx, _ in self._pending:  # no worker left: this process does them
+                        self._done[(gen, idx)] = ("failed", "no worker process left")
+                    self._pending.clear()
+                    self._cond.notify_all()
+            if not pool:
+                time.sleep(0.05)
+                continue
+            ready = wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], timeout=0.1)
+            for w in pool:
+                if w.conn in ready:
+                    self._receive(w)
+                if w.proc.sentinel in ready and not w.proc.is_alive():
+                    while w.conn.poll():  # answers it sent before it died
+                        if not self._receive(w):
+                            break
+                    self._died(w)
+
+    def _receive(self, w: _Worker) -> bool:
+        try:
+            kind, gen, idx, payload = w.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if kind != "start":
+            with self._cond:
+                if (gen, idx) in w.assigned:
+                    w.assigned.remove((gen, idx))
+                self._done[(gen, idx)] = (kind, payload)
+                self._cond.notify_all()
+        return True
+
+    def _died(self, w: _Worker) -> None:
+        with self._cond:
+            if w not in self._pool:
+                return
+            self._pool.remove(w)
+            self._deaths += 1
+            for key in w.assigned:  # its unfinished scans: done by the main process
+                self._done[key] = ("failed", f"worker {w.proc.pid} died (exit code {w.proc.exitcode})")
+            lost = [i for _, i in w.assigned]
+            w.assigned = []
+            if self._deaths <= 2 * self.workers:
+                self._respawn += 1  # started by the main thread (see _wait)
+            self._cond.notify_all()
+        log.warning("executor streaming: worker %s died (exit code %s)%s", w.proc.pid, w.proc.exitcode,
+                    f" holding scans {lost} of this list: done in the main process" if lost else "")
+        with contextlib.suppress(Exception):
+            w.conn.close()
+
+    def close(self) -> None:
+        if self._mp is not None:
+            with self._cond:
+                self._stop = True
+                pool, self._pool = list(self._pool), []
+            if self._thread is not None:
+                self._thread.join(5)
+                self._thread = None
+            self._mp = None
+            for w in pool:
+                with contextlib.suppress(Exception):
+                    w.conn.send(None)
+            deadline = time.time() + 2  # workers hold nothing unwritten: entries are atomic
+            for w in pool:
+                w.proc.join(max(0.0, deadline - time.time()))
+                if w.proc.is_alive():
+                    w.proc.terminate()
+                    w.proc.join(2)
+                with contextlib.suppress(Exception):
+                    w.conn.close()
+        if self._t0 is not None:
+            s = busy_summary(self._intervals, time.time() - self._t0)
+            s.update(executor=self.name, workers=self.workers, prefetched=self._prefetched,
+                     computed_here=self._fallbacks, worker_deaths=self._deaths,
+                     photos_while_waiting=len(self._photo_done) + self._photos_used)
+            self.stats = s
+            log_busy(f"streaming ({self.workers} workers)", s)
+            self._t0 = None
+
+    _photos_used = 0
+
+    # ---- photographs in the gaps
+    def expect_photos(self, ctx, items):
+        self._ctx = ctx
+        self._photo_todo = [(p, list(paths)) for p, paths in items]
+
+    def _one_photo_while_waiting(self) -> bool:
+        """Align and embed one announced participant's photographs; False when there is none left."""
+        if not self._photo_todo or self._ctx is None:
+            return False
+        from .stages import process_photos
+
+        participant, paths = self._photo_todo.pop(0)
+        ctx = self._ctx
+        a = time.time()
+        try:
+            res = process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
+        except Exception as exc:  # noqa: BLE001 - done again (and reported) when the probes are collected
+            log.debug("photographs of %s while waiting: %s; left for later", participant, exc)
+            return True
+        self._intervals.append(("main", "photos", a, time.time()))
+        self._photo_done[participant] = ([Path(p) for p in paths], res)
+        return True
+
+    def photo(self, ctx, participant, paths):
+        done = self._photo_done.pop(participant, None)
+        if done is not None and done[0] == [Path(p) for p in paths]:
+            self._photos_used += 1
+            return done[1]
+        a = time.time()
+        res = super().photo(ctx, participant, paths)
+        if self._t0 is not None:
+            self._intervals.append(("main", "photos", a, time.time()))
+        return res
+
+    # ---- scans
+    def _wait(self, key: tuple[int, int]) -> tuple[str, Any]:
+        """Block until a worker answered for ``key``; align photographs meanwhile."""
+        while True:
+            with self._cond:
+                if key in self._done:
+                    return self._done.pop(key)
+                respawn, self._respawn = self._respawn, 0
+            for _ in range(respawn):
+                self._spawn()
+            if respawn:
+                continue
+            if not self._one_photo_while_waiting():
+                with self._cond:
+                    if key not in self._done:
+                        self._cond.wait(0.2)
+
+    def plan(self, ctx, scans, role, protocol, *, transform=None):
+        from .stages import process_scan
+
+        if transform is not None and getattr(transform, "on", "volume") != "surface":
+            # a volume transform runs where the scan is reconstructed: here (the function may not pickle)
+            return process_scan
+        if self._t0 is None:
+            self._t0 = time.time()
+        self._start(ctx.pipeline, ctx.cache_root)
+        self._gen += 1
+        gen, scans = self._gen, list(scans)
+        state = {"next": 0, "sent": 0}
+
+        def hand_out(upto: int) -> None:
+            with self._cond:
+                while state["sent"] < min(upto, len(scans)):
+                    self._pending.append((gen, state["sent"], scans[state["sent"]]))
+                    state["sent"] += 1
+
+        hand_out(self.lookahead + 1)
+
+        def process(scan, role_, protocol_, pipeline, cache_root, **kw):
+            i = state["next"]
+            if i >= len(scans) or scans[i] is not scan:  # not in the planned order: no prefetch for it
+                return process_scan(scan, role_, protocol_, pipeline, cache_root, **kw)
+            state["next"] += 1
+            hand_out(i + 1 + self.lookahead)
+            a = time.time()
+            kind, payload = self._wait((gen, i))
+            b = time.time()
+            self._intervals.append(("main", "wait", a, b))
+            extra: dict = {}
+            if kind == "done":
+                self._prefetched += bool(payload["timings"])
+                memo = getattr(pipeline, "_digests", None)
+                if isinstance(memo, dict):  # the worker hashed the file: no need to do it again
+                    memo.update(payload["digests"])
+                self._intervals.extend(("workers", s, x, y) for s, x, y in payload["intervals"])
+                extra = payload["timings"]
+            else:
+                self._fallbacks += 1
+                log.info("%s %s: no surface from a worker (%s); reconstructing it here", role_, scan.subject,
+                         payload)
+            res = process_scan(scan, role_, protocol_, pipeline, cache_root, **kw)
+            end = time.time()
+            for stage in ("embed", "align", "render", "transform", "surface", "load"):
+                if stage in res.timings:  # the stages done here, laid end to end backwards from now
+                    self._intervals.append(("main", stage, end - res.timings[stage], end))
+                    end -= res.timings[stage]
+            if extra and not res.cached:
+                res.timings = {**extra, **res.timings}
+            return res
+
+        return process
