@@ -139,6 +139,12 @@ def _add_study(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--cache-dir", help="cache folder (default OUT/cache)")
     p.add_argument("--bids-suffix", default="T1w,FLAIR",
                    help="BIDS scan suffixes to take, in order of preference (default T1w,FLAIR)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that load and reconstruct scans while this one renders and embeds "
+                   "(default: this machine's cores; 1: one scan at a time); results are the same")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray (pip install 'mriface[ray]'): join the cluster at ADDRESS ('auto', "
+                   "HOST:6379), or without ADDRESS start Ray on this machine; see docs/scale.md")
     _add_study_options(p)
     p.set_defaults(func=_run_study)
 
@@ -160,6 +166,16 @@ def _print_results(result, *, label: str = "") -> None:
     print(f"report: {result.files['html']}")
 
 
+def _executor_args(args: argparse.Namespace) -> dict:
+    """``--workers`` / ``--ray`` as run_study's ``executor``, ``workers`` and ``ray_address``."""
+    from .study.executor import default_workers
+
+    if args.ray is not None:
+        return {"executor": "ray", "workers": args.workers,
+                "ray_address": None if args.ray == "local" else args.ray}
+    return {"executor": "auto", "workers": args.workers if args.workers is not None else default_workers()}
+
+
 def _run_study(args: argparse.Namespace) -> int:
     from . import study
 
@@ -179,6 +195,7 @@ def _run_study(args: argparse.Namespace) -> int:
         render_agg=args.render_agg, weights=args.weights, random_weights=args.random_weights,
         include_images=args.include_images, cache_dir=args.cache_dir, progress=not args.no_progress,
         bids_suffixes=[x.strip() for x in args.bids_suffix.split(",") if x.strip()],
+        **_executor_args(args),
     )
     for problem in result.problems:
         print(f"mriface: problem: {problem}", file=sys.stderr)

@@ -96,13 +96,12 @@ class Photographs(ProbeSource):
 
     def collect(self, inputs, probe_protocol, ctx):
         from .progress import bar
-        from .stages import process_photos
 
         results, probe_map = [], {}
         order = {sid: i for i, sid in enumerate(inputs.subjects)}  # participants in gallery order
         items = sorted(inputs.photos.items(), key=lambda kv: order.get(kv[0], len(order)))
         for participant, paths in bar(items, len(items), "photographs", ctx.progress):
-            pr = process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
+            pr = ctx.photos(participant, paths)
             ctx.count(pr.cached)
             for p in pr.problems:
                 ctx.problem(p)

@@ -75,6 +75,9 @@ class RunContext:
         Every problem so far, in the order found.
     computed, cached : int
         Cache entries computed in this run / read from the cache.
+    executor : Executor or None
+        How scans and photographs are processed (:mod:`mriface.study.executor`);
+        None: one after another in this process.
     """
 
     pipeline: Any
@@ -84,6 +87,7 @@ class RunContext:
     problems: list = field(default_factory=list)
     computed: int = 0
     cached: int = 0
+    executor: Any = None
 
     def problem(self, p: Problem) -> None:
         """Record a problem (and log it)."""
@@ -107,6 +111,8 @@ class RunContext:
         from .stages import process_scan
 
         results = []
+        if self.executor is not None:  # e.g. worker processes reconstruct the scans ahead of this loop
+            process_scan = self.executor.plan(self, scans, role, protocol, transform=transform)
         b = bar(scans, len(scans), desc, self.progress)
         for scan in b:
             res = process_scan(scan, role, protocol, self.pipeline, self.cache_root,
@@ -124,3 +130,11 @@ class RunContext:
                 self.problem(extra)
             results.append(res)
         return results
+
+    def photos(self, participant: str, paths: Sequence[Path]):
+        """One participant's photographs aligned and embedded (:func:`~mriface.study.stages.process_photos`)."""
+        if self.executor is not None:  # it may have done them while the gallery was being rendered
+            return self.executor.photo(self, participant, paths)
+        from .stages import process_photos
+
+        return process_photos(participant, paths, self.pipeline, self.cache_root)

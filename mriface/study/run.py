@@ -33,7 +33,8 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
               include_images: bool = False, cache_dir: "str | os.PathLike[str] | None" = None,
               progress: bool = True, title: "str | None" = None,
               bids_suffixes: Sequence[str] = ("T1w", "FLAIR"),
-              pipeline: "Pipeline | None" = None) -> StudyResult:
+              pipeline: "Pipeline | None" = None, workers: "int | None" = None,
+              executor: "str | Any" = "auto", ray_address: "str | None" = None) -> StudyResult:
     """Run a re-identification study and write its results to ``out``.
 
     Parameters
@@ -93,6 +94,17 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         For a BIDS source: the scan suffixes taken, in order of preference.
     pipeline : Pipeline, optional
         The stages (tests pass cheaper ones); built from the options by default.
+    workers : int, optional
+        Worker processes that load and reconstruct scans ahead of the device
+        stages (``executor="auto"`` streams when this is > 1; the command
+        line's ``--workers`` defaults to the machine's cores). Results are
+        identical to one scan at a time (docs/scale.md).
+    executor : str or Executor
+        ``"auto"``, ``"sequential"``, ``"streaming"`` or ``"ray"``
+        (:mod:`mriface.study.executor`).
+    ray_address : str, optional
+        With ``executor="ray"``: the Ray cluster to join (``"auto"``,
+        ``"HOST:6379"``); None starts Ray on this machine.
 
     Returns
     -------
@@ -107,12 +119,13 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
     """
     from ..match import PHOTO_AGGS, RENDER_AGGS, run_matching
     from ..render import RenderProtocol
+    from .executor import open_executor
 
     t_start = time.perf_counter()
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache_root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else out / "cache"
-    with LogFile(out / "study.log"):
+    with LogFile(out / "study.log"), open_executor(executor, workers, ray_address=ray_address) as ex:
         # ---- inputs and options
         inputs = source if isinstance(source, StudyInputs) else load_inputs(
             source, photos=photos, probe_manifest=probe_manifest, bids_suffixes=bids_suffixes)
@@ -125,7 +138,7 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         log.info("study started: %d gallery scans from %s, probes: %s, out %s", len(inputs.gallery),
                  inputs.source, probe_source.mode, out)
         ctx = RunContext(pipeline=None, cache_root=cache_root, progress=progress,
-                         images_root=out / "images" if include_images else None)
+                         images_root=out / "images" if include_images else None, executor=ex)
         for p in inputs.problems:
             ctx.problem(p)
         protocol = (protocol if protocol is not None else RenderProtocol()).with_overrides(
@@ -136,6 +149,9 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         probe_source.check(inputs, protocol, probe_protocol)
         ctx.pipeline = pipeline or Pipeline(device=device, backend=backend, model=model, weights=weights,
                                             random_weights=random_weights)
+
+        if probe_source.mode == "photos":  # a streaming executor aligns them while it waits for surfaces
+            ex.expect_photos(ctx, [(s, inputs.photos[s]) for s in inputs.subjects if s in inputs.photos])
 
         # ---- the gallery: every scan rendered under the protocol, renders embedded
         def no_face(res) -> "Problem | None":
