@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -160,10 +160,6 @@ class DefaceResult:
         }
 
 
-class MethodFn(Protocol):
-    def __call__(self, volume: Volume, context: DefaceContext, **options) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class DefaceMethod:
     """A registered defacing method; calling it defaces a volume.
@@ -217,23 +213,6 @@ def get_method(name: str) -> DefaceMethod:
 def available_methods() -> list[str]:
     """Registered method names, in registration order."""
     return list(_METHODS)
-
-
-def _grow(mask: np.ndarray, zooms: np.ndarray, mm: float) -> np.ndarray:
-    """``mask`` grown by ``mm`` (Euclidean, anisotropic voxels respected), on its bounding box only."""
-    from scipy import ndimage as ndi
-
-    if mm <= 0 or not mask.any():
-        return mask
-    pad = np.ceil(mm / zooms).astype(int) + 1
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    dist = ndi.distance_transform_edt(~mask[box], sampling=zooms)
-    out = mask.copy()
-    out[box] = dist <= mm
-    return out
 
 
 def prepare(volume: Volume, *, template: "Template | str" = "pydeface", margin_mm: float = 4.0,
