@@ -194,7 +194,7 @@ def choose_render_agg(device: torch.device, out_path: Path, n_seeds: int = 5) ->
     return out
 
 
-def large_photos(out_path: Path, repeats: int = 5) -> dict:
+def large_photos(out_path: Path, repeats: int = 3) -> dict:
     """Photo downscaling: time a 4000x3000 JPEG, and check the sample photographs against the full-size path."""
     import tempfile
 
