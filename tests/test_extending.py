@@ -109,9 +109,12 @@ def cohort(tmp_path_factory, sample_path):
 
 @pytest.mark.slow
 def test_a_defacing_function_as_the_probes_counts_defaced_participants_as_misses(cohort, tmp_path):
+    from mriface.study import Pipeline
+
     cache = cohort / "cache"
+    stages = Pipeline(device="cpu")  # one set of face models for the four studies below
     r = run_study(cohort / "mixed.csv", out=tmp_path / "defaced", probes=TransformProbes(erase_face),
-                  views=VIEWS, size=SIZE, device="cpu", cache_dir=cache, progress=False)
+                  views=VIEWS, size=SIZE, cache_dir=cache, progress=False, pipeline=stages)
     s = r.summary
     assert s["mode"] == "transform" and s["options"]["transform"] == "erase_face"
     gallery = {x.subject: x for x in r.scans if x.role == "gallery"}
@@ -130,7 +133,7 @@ def test_a_defacing_function_as_the_probes_counts_defaced_participants_as_misses
     # the control: the same hook with a transform that keeps the face finds the participants
     c = run_study(cohort / "mixed.csv", out=tmp_path / "control",
                   probes=TransformProbes(same_surface, on="surface"),
-                  views=VIEWS, size=SIZE, device="cpu", cache_dir=cache, progress=False)
+                  views=VIEWS, size=SIZE, cache_dir=cache, progress=False, pipeline=stages)
     ct = c.participants.set_index("participant")
     assert (ct.loc[["vox", "mesh"], "n_faces"] >= 1).all()
     assert ct.loc[["vox", "mesh"], "true_rank"].notna().all()  # the same face twice: rank 1 or 2
@@ -139,7 +142,7 @@ def test_a_defacing_function_as_the_probes_counts_defaced_participants_as_misses
 
     # a rerun of the defacing study is read from the cache, the transform included
     again = run_study(cohort / "mixed.csv", out=tmp_path / "defaced", probes=TransformProbes(erase_face),
-                      views=VIEWS, size=SIZE, device="cpu", cache_dir=cache, progress=False)
+                      views=VIEWS, size=SIZE, cache_dir=cache, progress=False, pipeline=stages)
     assert again.computed == 0 and again.cached == 3  # 2 gallery + 1 transformed; the failed row not counted
     # the mesh file's bytes are part of its cache key: a changed file is computed again
     ply = cohort / "vox_skin.ply"
@@ -148,7 +151,7 @@ def test_a_defacing_function_as_the_probes_counts_defaced_participants_as_misses
         ply.write_bytes(original + b"\n")
         changed = run_study(cohort / "mixed.csv", out=tmp_path / "changed",
                             probes=TransformProbes(same_surface, on="surface"), views=VIEWS, size=SIZE,
-                            device="cpu", cache_dir=cache, progress=False)
+                            cache_dir=cache, progress=False, pipeline=stages)
     finally:
         ply.write_bytes(original)
     assert (changed.computed, changed.cached) == (2, 2)  # the mesh's gallery and probe entries; vox's cached
