@@ -185,6 +185,7 @@ def test_decompression_bomb_and_oversized_images_are_refused_naming_the_file(tmp
             aligner.align([big])
 
 
+@pytest.mark.slow
 def test_large_jpeg_is_decoded_reduced_and_reports_full_resolution_boxes(tmp_path):
     face = Image.fromarray(_photo("obama", 1.0))
     canvas = Image.new("RGB", (3400, 2600), (90, 90, 90))
