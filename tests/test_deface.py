@@ -198,6 +198,16 @@ def test_cli_bids_folder_records_problems_and_goes_on(phantom, tmp_path, capsys)
     assert "exists already" in capsys.readouterr().err
 
 
+def test_batch_over_a_manifest_records_missing_scans(phantom, context, tmp_path):
+    _write_scan(phantom, tmp_path / "a.nii.gz")
+    (tmp_path / "m.csv").write_text("subject,scan\ns1,a.nii.gz\ns2,missing.nii.gz\n")
+    res = deface_batch(tmp_path / "m.csv", tmp_path / "out", method="blur", context=context)
+    assert [d for _, d in res.written] == [tmp_path / "out" / "s1" / "a_defaced.nii.gz"]
+    assert (tmp_path / "out" / "s1" / "a_defaced.json").is_file()
+    assert [p.kind for p in res.problems] == ["missing_scan"]
+    assert json.loads((tmp_path / "out" / "deface.json").read_text())["problems"][0]["kind"] == "missing_scan"
+
+
 @pytest.mark.slow
 def test_sample_average_head_keeps_the_brain(sample_path):
     # the 2 mm average head: the four methods on a real-looking head, quickly

@@ -165,8 +165,9 @@ class BatchResult:
     problems: list = field(default_factory=list)  # mriface.inputs.Problem
 
 
-def _batch_inputs(source: Path) -> "list[tuple[Path, Path]]":
-    """(scan, path relative to the output folder) pairs of a manifest CSV or a BIDS folder."""
+def _batch_inputs(source: Path) -> "tuple[list[tuple[Path, Path]], list]":
+    """(scan, path relative to the output folder) pairs of a manifest CSV or a BIDS folder, and the
+    manifest's problems (missing files, duplicate subjects)."""
     from ..inputs import is_bids, read_manifest
 
     if source.is_dir():
@@ -175,7 +176,7 @@ def _batch_inputs(source: Path) -> "list[tuple[Path, Path]]":
                               "give a scan, a manifest CSV or a BIDS folder")
         scans = sorted(p for p in source.glob("sub-*/**/anat/*") if p.is_file() and _SCAN_RE.search(p.name)
                        and "_defaced" not in p.name)
-        return [(p, p.parent.relative_to(source) / defaced_name(p)) for p in scans]
+        return [(p, p.parent.relative_to(source) / defaced_name(p)) for p in scans], []
     gallery, probes, problems = read_manifest(source)
     pairs = []
     for s in list(gallery) + list(probes):
@@ -183,7 +184,7 @@ def _batch_inputs(source: Path) -> "list[tuple[Path, Path]]":
         if any(r == rel for _, r in pairs):
             rel = Path(s.subject) / (s.session or "probe") / defaced_name(s.path)
         pairs.append((s.path, rel))
-    return pairs
+    return pairs, list(problems)
 
 
 def deface_batch(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]", *, method: str = "mask",
@@ -198,8 +199,8 @@ def deface_batch(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]"
     from ..inputs import Problem
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
-    pairs = _batch_inputs(source)
-    res = BatchResult()
+    pairs, listed = _batch_inputs(source)
+    res = BatchResult(problems=list(listed))
     it = pairs
     if progress:
         from tqdm import tqdm
