@@ -27,6 +27,7 @@ Prints a table and writes ``benchmarks/out/study.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -148,8 +149,9 @@ def per_scan(heads: list[str], views: int, size: int, device: str, random_weight
 
 # --------------------------------------------------------------------------- 2. the study's size
 def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list[str], device: str,
-               random_weights: bool, workdir: Path, model: str = "facenet") -> dict:
+               random_weights: bool, workdir: Path, model: str = "facenet", workers: int = 1) -> dict:
     from mriface.study import run_study
+    from mriface.study.executor import open_executor
 
     t0 = time.perf_counter()
     manifest, photos = make_cohort(workdir / "cohort", n_scans, photos_per, heads)
@@ -157,8 +159,9 @@ def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list
     out = workdir / "study"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
+    ex = open_executor("auto", workers)  # workers > 1: the streaming executor (docs/scale.md)
     r = run_study(manifest, out=out, photos=photos, views=views, size=size, device=device,
-                  random_weights=random_weights, model=model, progress=False)
+                  random_weights=random_weights, model=model, progress=False, executor=ex)
     t_study = time.perf_counter() - t0
     stage = {s: sum(x.timings.get(s, 0.0) for x in r.scans) for s in STAGES}
     t0 = time.perf_counter()
@@ -171,7 +174,81 @@ def study_size(n_scans: int, photos_per: int, views: int, size: int, heads: list
             "study_s": t_study, "rerun_from_cache_s": t_resume, "stage_sums_s": stage,
             "photos_and_match_s": t_study - sum(stage.values()),
             "renders_per_s": n_scans * views / t_study, "rank1": r.summary["rank1"],
-            "failures": r.summary["failures"], "random_weights": random_weights, "model": model}
+            "failures": r.summary["failures"], "random_weights": random_weights, "model": model,
+            "workers": workers, "executor": ex.name, "executor_stats": ex.stats}
+
+
+# --------------------------------------------------------------------------- 3. throughput and memory at scale
+def _scale_run(manifest: str, photos: str, out: str, views: int, size: int, device: str, random_weights: bool,
+               model: str, executor: str, workers: int, conn) -> None:
+    """One study in a fresh process (so that its peak RSS is its own); sends back time, RSS, stats."""
+    from mriface.study import run_study
+    from mriface.study.executor import open_executor, peak_rss_mb
+
+    ex = open_executor(executor, workers)
+    t0 = time.perf_counter()
+    r = run_study(manifest, out=out, photos=photos, views=views, size=size, device=device,
+                  random_weights=random_weights, model=model, progress=False, executor=ex)
+    wall = time.perf_counter() - t0
+    stage = {s: sum(x.timings.get(s, 0.0) for x in r.scans) for s in STAGES}
+    conn.send({"study_s": wall, "stage_sums_s": stage, "computed": r.computed,
+               "rss_main_mb": peak_rss_mb(), "rss_largest_worker_mb": (ex.stats or {}).get("worker_peak_rss_mb") or 0.0,
+               "executor_stats": ex.stats})
+
+
+def scale_sweep(cohorts: list[int], workers_list: list[int], photos_per: int, views: int, size: int,
+                heads: list[str], device: str, random_weights: bool, workdir: Path, model: str = "facenet",
+                sequential_upto: int = 10 ** 9, sweep_at: "int | None" = None) -> dict:
+    """Throughput (scans/s) and peak RSS against cohort size and workers; the sequential path as the peer.
+
+    Every run starts from an empty cache in a fresh process. Runs of one
+    cohort use the same scans; their ``participants.csv``/``probes.csv`` are
+    compared byte for byte with the sequential run's. ``peak_rss_mb`` is the
+    main process's peak plus ``workers`` times the largest worker's peak (an
+    upper bound of the run's resident memory at any moment). Every worker
+    count runs at cohort ``sweep_at`` (default: the smallest); the other
+    cohorts run the largest worker count only.
+    """
+    import filecmp
+    import multiprocessing as mp
+
+    big = max(cohorts)
+    manifest, photos = make_cohort(workdir / "cohort", big, photos_per, heads)
+    lines = manifest.read_text().splitlines()
+    rows = []
+    for n in cohorts:
+        sub = workdir / "cohort" / f"manifest-{n}.csv"  # the first n rows; scan paths are relative to it
+        sub.write_text("\n".join(lines[:n + 1]) + "\n")
+        ws = workers_list if n == (sweep_at if sweep_at is not None else min(cohorts)) else [max(workers_list)]
+        runs = ([("sequential", 1)] if n <= sequential_upto else []) + [("streaming", w) for w in ws]
+        seq_out = None
+        for executor, w in runs:
+            out = workdir / f"study-{n}-{executor}-{w}"
+            shutil.rmtree(out, ignore_errors=True)
+            a, b = mp.get_context("spawn").Pipe(duplex=False)
+            proc = mp.get_context("spawn").Process(target=_scale_run, args=(
+                str(sub), str(photos), str(out), views, size, device, random_weights,
+                model, executor, w, b))
+            load0 = os.getloadavg()[0]
+            proc.start()
+            got = a.recv()
+            proc.join()
+            got.update(cohort=n, executor=executor, workers=w, scans_per_s=n / got["study_s"],
+                       load_avg_1min_start=round(load0, 2), load_avg_1min_end=round(os.getloadavg()[0], 2),
+                       peak_rss_mb=got["rss_main_mb"] + (w if executor == "streaming" else 0)
+                       * got["rss_largest_worker_mb"])
+            if executor == "sequential":
+                seq_out = out
+            elif seq_out is not None:
+                got["identical_tables"] = all(filecmp.cmp(seq_out / f, out / f, shallow=False)
+                                              for f in ("participants.csv", "probes.csv"))
+            rows.append(got)
+            print(f"  {n:4d} scans  {executor:10s} w={w}  {got['study_s']:7.1f} s  {got['scans_per_s']:.3f} scans/s  "
+                  f"RSS main {got['rss_main_mb']:.0f} MB + worker {got['rss_largest_worker_mb']:.0f} MB  "
+                  f"load {load0:.1f}" + (f"  identical={got['identical_tables']}" if "identical_tables" in got
+                                          else ""), flush=True)
+    return {"runs": rows, "views": views, "image_size": size, "photos_per": photos_per, "heads": heads,
+            "device": device, "random_weights": random_weights, "model": model}
 
 
 def main(argv=None) -> int:
@@ -191,6 +268,16 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-per-scan", action="store_true")
     ap.add_argument("--skip-study", action="store_true")
     ap.add_argument("--workdir", default=None, help="where the synthetic cohort goes (default: a temp folder)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="study part: worker processes (> 1: the streaming executor; default 1, sequential)")
+    ap.add_argument("--scale", action="store_true",
+                    help="also: throughput and peak RSS against cohort size and workers, sequential as peer")
+    ap.add_argument("--cohorts", default="10,40,84", help="--scale: cohort sizes (default 10,40,84)")
+    ap.add_argument("--workers-list", default="1,2", help="--scale: streaming worker counts (default 1,2)")
+    ap.add_argument("--sequential-upto", type=int, default=10 ** 9,
+                    help="--scale: run the sequential peer only for cohorts up to this size")
+    ap.add_argument("--sweep-at", type=int, default=None,
+                    help="--scale: the cohort at which every worker count runs (default: the smallest)")
     args = ap.parse_args(argv)
 
     small = args.small
@@ -224,11 +311,11 @@ def main(argv=None) -> int:
         if args.workdir:
             work = Path(args.workdir)
             st = study_size(n_scans, photos_per, views, size, study_heads, args.device, args.random_weights, work,
-                            args.model)
+                            args.model, args.workers)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 st = study_size(n_scans, photos_per, views, size, study_heads, args.device, args.random_weights,
-                                Path(tmp), args.model)
+                                Path(tmp), args.model, args.workers)
         result["study"] = st
         print(f"\nStudy end to end: {st['scans']} scans ({'+'.join(study_heads)} copies), {st['renders']} renders, "
               f"{st['photos']} photographs, {views} views at {size}x{size}, device {args.device}")
@@ -239,6 +326,35 @@ def main(argv=None) -> int:
         print(f"    photos + match + outputs {st['photos_and_match_s']:6.1f} s")
         print(f"  rerun from cache    {st['rerun_from_cache_s']:8.1f} s  "
               f"(cold / resumed = {st['study_s'] / max(st['rerun_from_cache_s'], 1e-9):.0f}x)")
+        es = st["executor_stats"]
+        if es:  # the streaming executor: where the time went, and how much of it overlapped
+            print(f"  executor {st['executor']} ({st['workers']} workers): "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in es["busy_s"].items()))
+            print(f"    workers busy {es['workers_busy_s']:.1f} s, main busy {es['main_busy_s']:.1f} s, both at once "
+                  f"{es['overlap_s']:.1f} s ({100 * es['overlap_fraction']:.0f}% of {es['wall_s']:.1f} s wall)")
+    if args.scale:
+        cohorts = [int(x) for x in args.cohorts.split(",")]
+        wl = [int(x) for x in args.workers_list.split(",")]
+        print(f"\nScale: throughput and peak RSS, {views} views at {size}x{size}, {photos_per} photographs each, "
+              f"{'+'.join(study_heads)} copies, device {args.device}")
+        if args.workdir:
+            sc = scale_sweep(cohorts, wl, photos_per, views, size, study_heads, args.device, args.random_weights,
+                             Path(args.workdir) / "scale", args.model, args.sequential_upto, args.sweep_at)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                sc = scale_sweep(cohorts, wl, photos_per, views, size, study_heads, args.device,
+                                 args.random_weights, Path(tmp), args.model, args.sequential_upto, args.sweep_at)
+        result["scale"] = sc
+        seq = {r["cohort"]: r for r in sc["runs"] if r["executor"] == "sequential"}
+        print(f"{'scans':>6s} {'executor':>10s} {'w':>2s} {'scans/s':>8s} {'x seq':>6s} {'peak RSS MB':>12s} "
+              f"{'overlap':>8s} {'load':>5s} identical")
+        for r in sc["runs"]:
+            base = seq.get(r["cohort"])
+            ov = r["executor_stats"].get("overlap_fraction") if r["executor_stats"] else None
+            print(f"{r['cohort']:6d} {r['executor']:>10s} {r['workers']:2d} {r['scans_per_s']:8.3f} "
+                  f"{(r['scans_per_s'] / base['scans_per_s']) if base else float('nan'):6.2f} "
+                  f"{r['peak_rss_mb']:12.0f} {'-' if ov is None else f'{100 * ov:.0f}%':>8s} "
+                  f"{r['load_avg_1min_start']:5.1f} {r.get('identical_tables', '-')}")
     dest = Path(args.json)
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, dest)

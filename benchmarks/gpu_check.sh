@@ -36,6 +36,10 @@ else
   step render 120 python3 -m benchmarks.bench_render --device $dev --part gallery
   step recognition 100 python3 -m benchmarks.bench_recognition --device $dev --random-weights --peer-fraction 0.25
   step study 150 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
+  # issue 11: the study's size with the streaming executor (surfaces in $(nproc) worker processes while the
+  # device renders, aligns and embeds); prints per-stage busy time and the overlap
+  step study-streaming 150 python3 -m benchmarks.bench_study --device $dev --random-weights --skip-per-scan \
+    --study-heads pycortex --workers "$(nproc)" --json benchmarks/out/study-streaming.json
 fi
 cp benchmarks/out/*.json "$dest/" 2>/dev/null
 ls -la "$dest"

@@ -237,7 +237,24 @@ def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path") -> dict
         end -= timings[stage]
     memo = getattr(pipeline, "_digests", None)
     digests = {k: v for k, v in memo.items() if k and k[0] == str(scan.path)} if isinstance(memo, dict) else {}
-    return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid()}
+    return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> "float | None":
+    """This process's peak resident memory (MiB), from ``VmHWM``; None where /proc is missing.
+
+    Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a spawned
+    process would report the peak of the process it was forked from.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _limit_threads(threads: int) -> None:
@@ -502,12 +519,14 @@ class StreamingExecutor(Executor):
             s = busy_summary(self._intervals, time.time() - self._t0)
             s.update(executor=self.name, workers=self.workers, prefetched=self._prefetched,
                      computed_here=self._fallbacks, worker_deaths=self._deaths,
-                     photos_while_waiting=len(self._photo_done) + self._photos_used)
+                     photos_while_waiting=len(self._photo_done) + self._photos_used,
+                     worker_peak_rss_mb=self._worker_rss or None)
             self.stats = s
             log_busy(f"streaming ({self.workers} workers)", s)
             self._t0 = None
 
     _photos_used = 0
+    _worker_rss = 0.0
 
     # ---- photographs in the gaps
     def expect_photos(self, ctx, items):
@@ -598,6 +617,7 @@ class StreamingExecutor(Executor):
                 if isinstance(memo, dict):  # the worker hashed the file: no need to do it again
                     memo.update(payload["digests"])
                 self._intervals.extend(("workers", s, x, y) for s, x, y in payload["intervals"])
+                self._worker_rss = max(self._worker_rss, payload.get("peak_rss_mb") or 0.0)
                 extra = payload["timings"]
             else:
                 self._fallbacks += 1
