@@ -78,5 +78,14 @@ def deface(volume, method: str = "mask", **options) -> DefaceResult:
     ------
     DefaceError
         (and subclasses) naming the scan: CT, failed registration, already defaced.
+
+    Examples
+    --------
+    >>> from mriface import datasets
+    >>> from mriface.volume import load_volume
+    >>> vol = load_volume(datasets.fetch("voxface"))  # the 2 mm average head
+    >>> result = deface(vol, method="mask")
+    >>> result.changed_in_brain, result.changed_outside_brain > 100_000, result.registration.overlap > 0.9
+    (0, True, True)
     """
     return run_method(method, volume, **options)
