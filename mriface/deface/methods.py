@@ -75,9 +75,10 @@ def plane_cut(volume: Volume, context: DefaceContext, *, buffer_mm: float = 2.0,
     buffer_mm : float
         Distance kept between the brain mask's tangent and the cut (mm, template frame).
     angle_deg : float or None
-        Aim the cut's normal this many degrees below the template's anterior
-        axis instead of along the face direction (about 43 degrees below):
-        a steeper cut that also takes the eyes and brows. None: the face direction.
+        Pick the hull edge whose normal is nearest this many degrees below
+        the template's anterior axis instead of the face direction (about 43
+        degrees below); smaller angles pick steeper cuts when the hull has
+        such an edge. None: the face direction.
     fill : float, optional
         The value to write (default :func:`background_value`).
     """
