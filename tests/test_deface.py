@@ -169,6 +169,10 @@ def test_deface_file_keeps_header_and_unchanged_voxels_and_refuses_overwrite(pha
         deface_file(src, dest, method="mask", context=context)
     with pytest.raises(DefaceError, match="never overwrites the input"):
         deface_file(src, src, method="mask", overwrite=True, context=context)
+    plain = deface_file(src, tmp_path / "plain.nii", method="mask", context=context)
+    assert nib.load(str(tmp_path / "plain.nii")).shape == a.shape and plain["OutputSHA256"]
+    with pytest.raises(DefaceError, match="must be a NIfTI"):
+        deface_file(src, tmp_path / "x.mgz", method="mask", context=context)
     before = dest.stat().st_mtime_ns
     deface_file(src, dest, method="plane", overwrite=True, context=context)
     assert dest.stat().st_mtime_ns != before

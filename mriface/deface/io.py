@@ -41,6 +41,8 @@ def _sidecar_path(dest: Path) -> Path:
 
 
 def _check_dest(src: Path, dest: Path, overwrite: bool) -> None:
+    if not dest.name.lower().endswith((".nii", ".nii.gz")):
+        raise DefaceError(f"{dest}: the output must be a NIfTI file (.nii.gz or .nii) or a folder")
     if dest.resolve() == src.resolve():
         raise DefaceError(f"{dest}: is the input scan itself; mriface never overwrites the input, choose another output")
     if dest.exists() and not overwrite:
@@ -87,10 +89,11 @@ def write_defaced(result: DefaceResult, src: "str | os.PathLike[str]", dest: "st
             info = np.iinfo(dtype)
             data = np.clip(np.rint(data), info.min, info.max)
         out = nib.Nifti1Image(data.astype(dtype), img.affine)
+    suffix = ".nii.gz" if dest.name.lower().endswith(".nii.gz") else ".nii"
     with atomic_path(dest) as tmp:
-        tmp_gz = tmp.with_name(tmp.name + ".nii.gz")
-        nib.save(out, str(tmp_gz))
-        os.replace(tmp_gz, tmp)
+        tmp_img = tmp.with_name(tmp.name + suffix)  # nibabel picks compression from the name
+        nib.save(out, str(tmp_img))
+        os.replace(tmp_img, tmp)
     return dest
 
 
