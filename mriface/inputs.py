@@ -180,6 +180,33 @@ def _is_dicom_folder(path: Path) -> bool:
     return is_dicom_folder(path)
 
 
+def _scan_path_problem(path: Path) -> "tuple[str, str] | None":
+    """None when ``path`` is a scan file or a DICOM folder; else (problem kind, what is wrong).
+
+    On Python 3.11 ``Path.is_file()`` raises ``PermissionError`` when a folder
+    on the way cannot be entered: that is this row's problem, not the study's.
+    """
+    try:
+        if path.is_file() or _is_dicom_folder(path):
+            return None
+        if path.is_dir():
+            return "missing_scan", "is a folder without DICOM files; give a scan file or a folder of one DICOM series"
+        return "missing_scan", "does not exist; fix the path"
+    except PermissionError as exc:
+        return "unreadable_scan", (f"cannot be reached: permission denied ({exc.strerror or exc}); check the "
+                                   "permissions of the file and of the folders above it (ls -ld)")
+    except (OSError, ValueError) as exc:  # e.g. a name too long, a NUL byte, a symlink loop
+        return "unreadable_scan", f"cannot be reached ({getattr(exc, 'strerror', None) or exc}); fix the path"
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()`` that says False instead of raising (permission denied on a folder above, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _bids_label(name: str) -> str:
     """``"sub-01"`` -> ``"01"``; other names unchanged (for matching photo folders)."""
     return name[4:] if name.startswith("sub-") else name
@@ -250,11 +277,11 @@ def read_manifest(path: "str | Path") -> tuple[list[Scan], list[Scan], list[Prob
             continue
         seen[subject] = where
         scan_path = _resolve(scan_value, base)
-        if not (scan_path.is_file() or _is_dicom_folder(scan_path)):
-            what = ("is a folder without DICOM files; give a scan file or a folder of one DICOM series"
-                    if scan_path.is_dir() else "does not exist; fix the path")
+        bad = _scan_path_problem(scan_path)
+        if bad is not None:
+            kind, what = bad
             problems.append(Problem(
-                "missing_scan", where,
+                kind, where,
                 f"scan {scan_path} of subject {subject!r} {what} "
                 "(relative paths are relative to the manifest's folder)", subject))
             continue
@@ -263,13 +290,13 @@ def read_manifest(path: "str | Path") -> tuple[list[Scan], list[Scan], list[Prob
             probe_value = (row.get(probe_col) or "").strip()
             if probe_value:
                 probe_path = _resolve(probe_value, base)
-                if probe_path.is_file() or _is_dicom_folder(probe_path):
+                bad = _scan_path_problem(probe_path)
+                if bad is None:
                     probes.append(Scan(subject, probe_path.resolve(), probe_col, where))
                 else:
                     problems.append(Problem(
                         "missing_probe_scan", where,
-                        f"{probe_col} {probe_path} of subject {subject!r} does not exist; fix the path",
-                        subject))
+                        f"{probe_col} {probe_path} of subject {subject!r} {bad[1]}", subject))
     if not gallery and not problems:
         raise ManifestError(f"{path}: no rows; add one row per subject (subject,scan)")
     return gallery, probes, problems
@@ -376,11 +403,25 @@ def _readable_image(path: Path) -> "str | None":
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()  # verify() misses truncated JPEG data; load() does not
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from .recognition.align import load_image  # the study's own decoder: size guard, bit depths
+
+        load_image(path, decode_side=512)  # reduced decode: the check, not the pixels
+    except ImportError:  # pragma: no cover - torch missing: Pillow alone
+        try:
+            with Image.open(path) as im:
+                im.load()  # verify() misses truncated JPEG data; load() does not
+        except Exception as exc:  # noqa: BLE001
+            return _reason(exc)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (bombs, truncation, bugs) is this file's problem
+        if isinstance(exc, PermissionError):
+            return f"permission denied ({exc.strerror or exc}); check the file's permissions"
+        return _reason(exc)
     return None
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _match_participant(name: str, subjects: Mapping[str, str]) -> "str | None":
@@ -424,6 +465,7 @@ def read_photos(source: "str | Path", subjects: Sequence[str], *, check_images: 
         index.setdefault(_bids_label(s), s)
     listed: dict[str, list[tuple[str, Path]]] = {}
     problems: list[Problem] = []
+    skipped: list[Problem] = []
     if source.is_dir():
         folders = sorted(c for c in source.iterdir() if c.is_dir() and not c.name.startswith("."))
         stray = sorted(c for c in source.iterdir() if c.is_file() and _has_suffix(c, PHOTO_SUFFIXES))
@@ -432,9 +474,19 @@ def read_photos(source: "str | Path", subjects: Sequence[str], *, check_images: 
                 f"{source}: photographs lie directly in the folder; put each participant's "
                 "photographs in a folder named after the participant (PHOTOS/<participant>/*.jpg)")
         for folder in folders:
-            files = sorted(f for f in folder.iterdir() if f.is_file() and _has_suffix(f, PHOTO_SUFFIXES))
+            entries = sorted(folder.iterdir())
+            files = [f for f in entries if _is_file(f) and _has_suffix(f, PHOTO_SUFFIXES)]
             listed.setdefault(folder.name, [])
             listed[folder.name].extend((str(f), f) for f in files)
+            for f in entries:  # every other visible entry is reported, never dropped silently
+                if f in files or f.name.startswith("."):
+                    continue
+                what = ("a folder" if f.is_dir() else "not a photograph type" if _is_file(f)
+                        else "not a readable file (a broken link?)")
+                skipped.append(Problem(
+                    "skipped_file", str(f),
+                    f"{f.name} in the photographs of {folder.name!r} was skipped: {what}; photographs are "
+                    f"{', '.join(PHOTO_SUFFIXES)} (convert it, or move it out of the folder)", folder.name))
     elif source.is_file():
         header, rows = _read_csv(source)
         pcol = _pick_column(header, _SUBJECT_COLUMNS)
@@ -455,7 +507,7 @@ def read_photos(source: "str | Path", subjects: Sequence[str], *, check_images: 
                 continue
             listed.setdefault(who, [])
             path = _resolve(value, source.parent)
-            if not path.is_file():
+            if not _is_file(path):
                 problems.append(Problem("missing_photo", where,
                                         f"photograph {path} of {who!r} does not exist; fix the path", who))
                 continue
@@ -493,6 +545,8 @@ def read_photos(source: "str | Path", subjects: Sequence[str], *, check_images: 
             good.append(path)
         if good:
             photos.setdefault(subject, []).extend(good)
+    known = {name for name in listed if _match_participant(name, index) is not None}
+    problems.extend(p for p in skipped if p.subject in known)  # an unknown folder is one problem already
     return photos, problems
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -227,30 +228,50 @@ def _table_rows(df) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+
+
+def md_text(value: object) -> str:
+    r"""Text from the data (ids, messages, paths) made inert in Markdown.
+
+    HTML is escaped (``<script>`` shows as text in every renderer), Markdown's
+    punctuation is backslash-escaped (no links, emphasis or broken table
+    cells from an id), and line breaks become spaces.
+
+    Examples
+    --------
+    >>> md_text("<script>|[x](y)")
+    '&lt;script&gt;\\|\\[x\\]\\(y\\)'
+    """
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
 def _markdown(data: ReportData, figures: Sequence[str]) -> str:
-    lines = [f"# {data.title}", ""]
+    m = md_text
+    lines = [f"# {m(data.title)}", ""]
     lines += ["| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _headline(data)]
-    lines += [f"| {k} | {v} |" for k, v in data.extra.items()]
-    lines += ["", f"Compare: {PUBLISHED['study']}. Follow-up: {PUBLISHED['followup']}.", ""]
+    lines += [f"| {m(k)} | {m(v)} |" for k, v in _headline(data)]
+    lines += [f"| {m(k)} | {m(v)} |" for k, v in data.extra.items()]
+    lines += ["", f"Compare: {m(PUBLISHED['study'])}. Follow-up: {m(PUBLISHED['followup'])}.", ""]
     for fig in figures:
-        lines += [f"![{fig}]({fig})", ""]
+        lines += [f"![{m(fig)}]({fig})", ""]
     lines += ["## Participants", ""]
     cols, rows = _table_rows(data.participants)
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(m(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(m(v) for v in r) + " |" for r in rows]
     lines += ["", "## Failures and problems", ""]
     if data.failures:
-        lines += [f"- {k}: {v}" for k, v in data.failures.items()]
+        lines += [f"- {m(k)}: {m(v)}" for k, v in data.failures.items()]
     else:
         lines += ["- none"]
     if data.problems:
-        lines += ["", *[f"- {p}" for p in data.problems]]
+        lines += ["", *[f"- {m(p)}" for p in data.problems]]
     lines += ["", "## Options", ""]
-    lines += [f"- {k}: {v}" for k, v in data.config.items()]
+    lines += [f"- {m(k)}: {m(v)}" for k, v in data.config.items()]
     lines += ["", "## Images", ""]
     if data.images:
-        lines += [f"- [{p}]({p})" for p in data.images]
+        lines += [f"- [{m(p)}](<{p}>)" for p in data.images]
     else:
         lines += ["No face images are included (renders and photographs are protected health "
                   "information); run with --include-images to write them."]

@@ -101,7 +101,7 @@ def test_photo_folders_report_unknown_empty_and_unreadable(tmp_path):
     photos = tmp_path / "photos"
     _png(photos / "A" / "1.jpg")
     _png(photos / "A" / "2.png")
-    (photos / "A" / "notes.txt").write_text("not a photo")  # ignored: not an image suffix
+    (photos / "A" / "notes.txt").write_text("not a photo")  # not an image suffix: reported as skipped
     _png(photos / "01" / "x.png")  # BIDS participant "sub-01" under its bare label
     _png(photos / "stranger" / "s.jpg")
     (photos / "B").mkdir()
@@ -111,7 +111,8 @@ def test_photo_folders_report_unknown_empty_and_unreadable(tmp_path):
     assert {k: [p.name for p in v] for k, v in got.items()} == {
         "A": ["1.jpg", "2.png"], "sub-01": ["x.png"], "C": ["ok.png"]}
     by_kind = {p.kind: p for p in problems}
-    assert set(by_kind) == {"unknown_participant", "empty_photo_folder", "unreadable_photo"}
+    assert set(by_kind) == {"unknown_participant", "empty_photo_folder", "unreadable_photo", "skipped_file"}
+    assert by_kind["skipped_file"].where.endswith("notes.txt")  # issue 13 item 12: never dropped silently
     assert "stranger" in by_kind["unknown_participant"].message
     assert by_kind["empty_photo_folder"].subject == "B"
     assert "broken.jpg" in by_kind["unreadable_photo"].message

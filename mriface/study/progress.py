@@ -7,11 +7,109 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..errors import MRIFaceError
 from ..inputs import Problem, Scan
 
-__all__ = ["LogFile", "bar", "RunContext"]
+__all__ = ["LogFile", "OutputLock", "StudyLockedError", "bar", "RunContext", "input_roots"]
 
 log = logging.getLogger("mriface.study")
+
+#: the lock file of an output folder (held while a study writes into it)
+LOCK_NAME = ".mriface-study.lock"
+
+
+class StudyLockedError(MRIFaceError):
+    """Another study is writing into the same output folder."""
+
+
+class OutputLock:
+    """Hold an exclusive lock on a study's output folder; refuse a second study at once.
+
+    The lock is an ``flock`` on ``<out>/.mriface-study.lock``: the kernel
+    drops it when the holder exits in any way (even ``kill -9``), so a stale
+    lock never blocks a resume. A second study into the same folder is
+    refused with a clear message instead of waiting: two runs into one
+    folder are almost always a mistake (the same command started twice, or
+    two different studies given the same ``--out``), and a silent wait would
+    let the second one overwrite the first's report afterwards. The cache
+    itself may be shared (``--cache-dir``): its entries are written
+    atomically, so no lock is needed there.
+
+    On entry it also creates the folder (permission denied -> a
+    :class:`~mriface.study.guard.StudyEnvironmentError` that says so) and
+    removes the ``.part`` files a killed run left (all of them in ``out``,
+    which this lock now owns; in a cache outside ``out`` only those untouched
+    for an hour, since another study may be writing there).
+    """
+
+    def __init__(self, out: Path, cache_root: "Path | None" = None):
+        self.out, self.cache_root = Path(out), cache_root
+        self._fd: "int | None" = None
+
+    def __enter__(self):
+        import os
+
+        from .._io import remove_stale_parts
+        from .guard import environment_failure
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            env = environment_failure(exc, [self.out])
+            if env is not None:
+                raise env from exc
+            raise
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock (documented)
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise StudyLockedError(
+                    f"{self.out}: another mriface study is writing into this folder ({holder}); wait for it "
+                    "to finish, or give another --out. (Studies may share a --cache-dir.)") from None
+        import time
+
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._fd = fd
+        n = remove_stale_parts(self.out)
+        if self.cache_root is not None and not self._inside(self.cache_root):
+            n += remove_stale_parts(self.cache_root, older_than_s=3600)
+        if n:
+            log.info("removed %d temporary .part files left by an interrupted run", n)
+        self.removed = n
+        return self
+
+    def _inside(self, path: "Path | None") -> bool:
+        return path is None or Path(path) == self.out or self.out in Path(path).parents
+
+    def __exit__(self, *exc):
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def input_roots(inputs: Any, photos: Any = None) -> list:
+    """The study's input folders, to which paths in shareable outputs are made relative.
+
+    The manifest's folder (or the BIDS folder) and the photographs' folder
+    (or the folder of their CSV).
+    """
+    roots = []
+    for src in (getattr(inputs, "source", None), photos):
+        if src is None:
+            continue
+        p = Path(src).expanduser().resolve()
+        roots.append(p if p.is_dir() else p.parent)
+    return roots
 
 
 class LogFile:
@@ -88,6 +186,7 @@ class RunContext:
     computed: int = 0
     cached: int = 0
     executor: Any = None
+    paths: Any = None  # mriface._io.PathPolicy: how paths appear in shareable outputs
 
     def problem(self, p: Problem) -> None:
         """Record a problem (and log it)."""
@@ -124,6 +223,8 @@ class RunContext:
                     log.info("%s %s: cached", res.role, res.subject)
                 else:
                     log.info("%s %s: computed (%s)", res.role, res.subject, _fmt_timings(res.timings))
+            for p in getattr(res, "extra_problems", ()):  # damaged cache entries, recomputed
+                self.problems.append(p)  # the guard has logged them
             if res.problem is not None:
                 self.problems.append(res.problem)  # process_scan has logged it
             elif check is not None and (extra := check(res)) is not None:
