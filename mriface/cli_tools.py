@@ -115,7 +115,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from ._io import atomic_path
+    from ._io import atomic_path, write_csv_atomic
     from .recognition import FaceAligner, get_model
     from .recognition.align import DEFAULT_MIN_PROB
 
@@ -138,8 +138,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, e.numpy())
-        with atomic_path(out[:-4] + ".csv") as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv_atomic(table, out[:-4] + ".csv")  # cells neutralised against spreadsheet formulas
         print(f"wrote {out} and {out[:-4]}.csv")
     return 0
 

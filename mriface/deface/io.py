@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path, sha256_file, write_text_atomic
+from .._io import atomic_path, child_path, safe_component, sha256_file, write_text_atomic
 from ..errors import MRIFaceError
 from .core import DefaceError, DefaceResult, run_method
 
@@ -182,10 +182,11 @@ def _batch_inputs(source: Path) -> "tuple[list[tuple[Path, Path]], list]":
         return [(p, p.parent.relative_to(source) / defaced_name(p)) for p in scans], []
     gallery, probes, problems = read_manifest(source)
     pairs = []
-    for s in list(gallery) + list(probes):
-        rel = Path(s.subject) / defaced_name(s.path)
+    for s in list(gallery) + list(probes):  # subject ids from the manifest: one safe name each (_io.child_path)
+        sub = safe_component(s.subject)
+        rel = Path(sub) / defaced_name(s.path)
         if any(r == rel for _, r in pairs):
-            rel = Path(s.subject) / (s.session or "probe") / defaced_name(s.path)
+            rel = Path(sub) / safe_component(s.session or "probe") / defaced_name(s.path)
         pairs.append((s.path, rel))
     return pairs, list(problems)
 
@@ -210,8 +211,8 @@ def deface_batch(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]"
 
         it = tqdm(pairs, desc=f"deface {method}", unit="scan")
     for src, rel in it:
-        dest = out / rel
         try:
+            dest = child_path(out, *Path(rel).parts)  # refuses anything that would leave out
             deface_file(src, dest, method=method, overwrite=overwrite, **options)
             res.written.append((src, dest))
         except MRIFaceError as exc:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, child_path, csv_safe, safe_component
 from ..errors import InputFileError
 
 __all__ = ["write_renders", "render_filename"]
 
 
 def render_filename(subject: str, view: int, *, prefix: str = "") -> str:
-    """File name of one render: ``{prefix}{subject}_view{view:02d}.png`` (unsafe characters -> '_')."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(subject))
-    return f"{prefix}{safe}_view{int(view):02d}.png"
+    """File name of one render: ``{prefix}{subject}_view{view:02d}.png``.
+
+    The subject id becomes one safe name component (:func:`mriface._io.safe_component`:
+    unsafe characters -> '_', plus a hash of the id when anything changed).
+    """
+    return f"{safe_component(prefix) if prefix else ''}{safe_component(subject)}_view{int(view):02d}.png"
 
 
 def write_renders(batch, folder, *, prefix: str = "") -> "list[Path]":
@@ -59,13 +61,13 @@ def write_renders(batch, folder, *, prefix: str = "") -> "list[Path]":
     names = []
     for k in range(images.shape[0]):
         name = render_filename(batch.subjects[k], int(batch.view[k]), prefix=prefix)
-        path = folder / name
+        path = child_path(folder, name)  # an id-derived name never leaves the folder
         with atomic_path(path) as tmp:
             Image.fromarray(np.ascontiguousarray(images[k])).save(tmp, format="PNG")
         paths.append(path)
         names.append(name)
     df = batch.to_dataframe()
     df.insert(0, "file", names)
-    with atomic_path(folder / f"{prefix}renders.csv") as tmp:
-        df.to_csv(tmp, index=False)
+    with atomic_path(child_path(folder, f"{safe_component(prefix) if prefix else ''}renders.csv")) as tmp:
+        csv_safe(df).to_csv(tmp, index=False)  # ids in cells neutralised against spreadsheet formulas
     return paths
