@@ -50,14 +50,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, jsonable, write_text_atomic
+from ._io import jsonable, write_csv_atomic, write_text_atomic
 from .errors import MRIFaceError
 
 __all__ = [
@@ -272,6 +272,12 @@ class MatchResult:
     roc_auc : float
         Verification AUC over all (photograph with a face, gallery subject
         with an embedding) pairs, genuine = same identity.
+    subjects : tuple of str
+        The gallery subjects, in the order of :attr:`participant_scores`.
+    participant_scores : dict
+        Participant id (str) -> (n_gallery,) float64 score of every subject
+        (``photo_agg``'s score; -inf = cannot be matched): what
+        :mod:`mriface.fusion` combines over several models.
     """
 
     per_probe: pd.DataFrame
@@ -279,6 +285,8 @@ class MatchResult:
     summary: dict
     cmc: np.ndarray
     roc_auc: float
+    subjects: tuple = ()
+    participant_scores: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def to_csv(self, folder: "str | os.PathLike[str]") -> dict[str, Path]:
         """Write ``per_probe.csv``, ``per_participant.csv``, ``cmc.csv`` and ``summary.json`` atomically."""
@@ -287,8 +295,7 @@ class MatchResult:
         for name, df in (("per_probe", self.per_probe), ("per_participant", self.per_participant),
                          ("cmc", pd.DataFrame({"rank": np.arange(1, len(self.cmc) + 1), "rate": self.cmc}))):
             path = folder / f"{name}.csv"
-            with atomic_path(path) as tmp:
-                df.to_csv(tmp, index=False)
+            write_csv_atomic(df, path)  # cells neutralised against spreadsheet formulas
             out[name] = path
         text = json.dumps(jsonable(self.summary), indent=2, allow_nan=False)
         out["summary"] = write_text_atomic(folder / "summary.json", text + "\n")
@@ -393,6 +400,7 @@ def run_matching(
     offset = 0
     per_probe_rows: list[dict] = []
     part_rows: list[dict] = []
+    scores: dict[str, np.ndarray] = {}
     genuine: list[float] = []
     impostor: list[float] = []
     n_photos_total = n_no_face = 0
@@ -438,6 +446,7 @@ def run_matching(
                 total[ok] = sim[face][:, ok].mean(axis=0)
             else:
                 total[ok] = sim[face][:, ok].max(axis=0)
+        scores[pid] = total
         true_has_face = in_gallery and valid[true].shape[0] > 0
         t_rank = rank_of(total, col[true]) if (in_gallery and face.any() and true_has_face) else float("nan")
         best = top_k(total, subjects, 5) if face.any() else []
@@ -485,4 +494,4 @@ def run_matching(
                      "ci": "Clopper-Pearson exact, 95%"},
     }
     return MatchResult(per_probe=per_probe, per_participant=per_participant, summary=summary,
-                       cmc=cmc, roc_auc=summary["roc_auc"])
+                       cmc=cmc, roc_auc=summary["roc_auc"], subjects=tuple(subjects), participant_scores=scores)
