@@ -20,6 +20,12 @@ w600k_mbf) and ``sface`` (OpenCV zoo 2021dec), all through the registry.
    graph allows a batch, else one crop per call); and the aligner with
    FaceNet's crop alone against the aligner cutting all three models' crops
    from one detection (renders of 512x512 as in bench_recognition).
+4. **A study's per-render work with several models** (``--renders``): the
+   renders aligned and their faces embedded, as
+   :func:`mriface.study.stages.process_scan` does it -- FaceNet alone (its
+   crop only) against FaceNet, arcface-mbf and sface on one detection (one
+   aligner with the three crops, each model embedding its own crops); the
+   aligned-and-embedded renders per second of each, in the same rounds.
 
     .venv/bin/python -m benchmarks.bench_models [--device cpu|cuda] [--batch 64] [--repeat 3]
         [--random-weights] [--out benchmarks/out/models-<device>.json]
@@ -200,6 +206,17 @@ def main(argv: "list[str] | None" = None) -> dict:
         result["align_renders_per_s"] = dict(n=args.renders, **interleaved(
             {"facenet_crop_only": (lambda: one.align(renders), args.renders, dev),
              "all_three_crops": (lambda: every.align(renders), args.renders, dev)}, args.repeat))
+
+        def study_step(aligner, names):  # process_scan's align + embed stages
+            a = aligner.align(renders)
+            for n in names:
+                c = a.crop_for(models[n].crop)[a.found]
+                if len(c):
+                    models[n].embed(c)
+
+        result["align_and_embed_renders_per_s"] = dict(n=args.renders, **interleaved(
+            {"facenet": (lambda: study_step(one, ["facenet"]), args.renders, dev),
+             "+".join(MODELS): (lambda: study_step(every, list(MODELS)), args.renders, dev)}, args.repeat))
 
     out = Path(args.out or ROOT / "benchmarks" / "out" / f"models-{torch.device(args.device).type}.json")
     write_json(result, out)

@@ -65,7 +65,7 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="render protocol seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--backend", default="auto", help=_backend_help())
-    p.add_argument("--model", default="facenet", help=_model_help())
+    p.add_argument("--model", default="facenet", help=_model_help(several=True))
     p.add_argument("--random-weights", action="store_true",
                    help="untrained face model (timing without the weights; ranks are meaningless)")
     p.add_argument("--include-images", action="store_true",

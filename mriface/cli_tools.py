@@ -47,8 +47,10 @@ def _backend_help() -> str:
     return _LazyHelp("renderer: auto (zbuffer on CUDA, embree on CPU) or one of {names}", _backends)
 
 
-def _model_help() -> str:
-    return _LazyHelp("face model: one of {names} (default %(default)s)", _models)
+def _model_help(several: bool = False) -> str:
+    more = (", or several joined by commas, e.g. facenet,arcface-mbf,sface: each is ranked on the same "
+            "detections and the models are combined (best of models, score fusion)") if several else ""
+    return _LazyHelp("face model: one of {names}" + more + " (default %(default)s)", _models)
 
 
 # --------------------------------------------------------------------------- weights
