@@ -199,9 +199,11 @@ def csv_cell(value: object) -> object:
 
 def csv_safe(df):
     """A copy of a DataFrame whose text cells and column names pass through :func:`csv_cell`."""
+    from pandas.api.types import is_numeric_dtype
+
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object:
+        if not is_numeric_dtype(out[col].dtype):  # object or string columns (pandas 3: "str")
             out[col] = out[col].map(csv_cell)
     out.columns = [csv_cell(str(c)) for c in out.columns]
     return out

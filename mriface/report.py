@@ -228,20 +228,21 @@ def _table_rows(df) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 
 
 def md_text(value: object) -> str:
     r"""Text from the data (ids, messages, paths) made inert in Markdown.
 
     HTML is escaped (``<script>`` shows as text in every renderer), Markdown's
-    punctuation is backslash-escaped (no links, emphasis or broken table
-    cells from an id), and line breaks become spaces.
+    characters that make links, code, emphasis or table cells (``[ ] ` * _ |``
+    and the backslash) are backslash-escaped, and line breaks become spaces:
+    an id can neither inject markup nor break the participants table.
 
     Examples
     --------
     >>> md_text("<script>|[x](y)")
-    '&lt;script&gt;\\|\\[x\\]\\(y\\)'
+    '&lt;script&gt;\\|\\[x\\](y)'
     """
     text = html.escape(" ".join(str(value).split()), quote=False)
     return _MD_SPECIAL.sub(r"\\\1", text)

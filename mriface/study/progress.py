@@ -81,9 +81,7 @@ class OutputLock:
         n = remove_stale_parts(self.out)
         if self.cache_root is not None and not self._inside(self.cache_root):
             n += remove_stale_parts(self.cache_root, older_than_s=3600)
-        if n:
-            log.info("removed %d temporary .part files left by an interrupted run", n)
-        self.removed = n
+        self.removed = n  # run_study logs it once its log file is open
         return self
 
     def _inside(self, path: "Path | None") -> bool:

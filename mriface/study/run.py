@@ -12,7 +12,9 @@ from ..errors import MRIFaceError
 from ..inputs import Problem, StudyInputs, load_inputs
 from .outputs import StudyResult, write_outputs
 from .probes import ProbeSource, resolve_probes
-from .progress import LogFile, RunContext
+from .._io import PathPolicy
+from .guard import stop_on_environment_failure
+from .progress import LogFile, OutputLock, RunContext, input_roots
 from .stages import Pipeline
 
 __all__ = ["run_study"]
@@ -27,7 +29,7 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
               protocol: Any = None, probe_protocol: Any = None,
               views: "int | None" = None, size: "int | None" = None, seed: "int | None" = None,
               probe_seed: "int | None" = None, probe_views: "int | None" = None,
-              backend: str = "auto", device: str = "auto", model: str = "facenet", k: int = 50,
+              backend: str = "auto", device: str = "auto", model: "str | Sequence[str]" = "facenet", k: int = 50,
               photo_agg: str = "sum", render_agg: "str | None" = None,
               weights: "str | os.PathLike[str] | None" = None, random_weights: bool = False,
               include_images: bool = False, cache_dir: "str | os.PathLike[str] | None" = None,
@@ -69,8 +71,12 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         gallery view.
     backend, device : str
         Renderer backend and compute device (``"auto"``: CUDA when present).
-    model : str
-        Face model (:func:`mriface.recognition.available_models`).
+    model : str or sequence of str
+        Face model (:func:`mriface.recognition.available_models`), or several
+        (``"facenet,arcface-mbf,sface"`` or a list): each embeds the same
+        detections and is ranked on its own, and the models are combined
+        (best of models, score fusion: :mod:`mriface.fusion`); the headline
+        is then the combined attacker (``summary.json``: ``models``, ``ensemble``).
     k : int
         Length of each probe's ranked list (the study used 50).
     photo_agg, render_agg : str
@@ -115,17 +121,30 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
     MRIFaceError
         Only when nothing can run (unreadable manifest, no usable scan,
         no probes at all, bad option). Single bad rows, files and scans
-        are counted in the results instead.
+        are counted in the results instead: each item's work runs in one
+        guarded unit (:mod:`mriface.study.guard`) that turns any exception
+        into a recorded problem.
+    StudyEnvironmentError
+        (an MRIFaceError) The machine cannot go on: no space left, a quota,
+        a read-only file system, permission denied on ``out`` or the cache.
+        What was finished stays in the cache; rerun to resume.
+    StudyLockedError
+        (an MRIFaceError) Another study is writing into ``out`` right now.
     """
     from ..match import PHOTO_AGGS, RENDER_AGGS, run_matching
     from ..render import RenderProtocol
+    from .ensemble import match_models
     from .executor import open_executor
 
     t_start = time.perf_counter()
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     cache_root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else out / "cache"
-    with LogFile(out / "study.log"), open_executor(executor, workers, ray_address=ray_address) as ex:
+    # Outermost: disk full / output not writable anywhere below stops the study with one clear line;
+    # then the lock (a second study into this folder is refused) before the log is opened.
+    with stop_on_environment_failure(out, cache_root), OutputLock(out, cache_root) as lock, \
+            LogFile(out / "study.log"), open_executor(executor, workers, ray_address=ray_address) as ex:
+        if lock.removed:
+            log.info("removed %d temporary .part files left by an interrupted run", lock.removed)
         # ---- inputs and options
         inputs = source if isinstance(source, StudyInputs) else load_inputs(
             source, photos=photos, probe_manifest=probe_manifest, bids_suffixes=bids_suffixes)
@@ -138,7 +157,8 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         log.info("study started: %d gallery scans from %s, probes: %s, out %s", len(inputs.gallery),
                  inputs.source, probe_source.mode, out)
         ctx = RunContext(pipeline=None, cache_root=cache_root, progress=progress,
-                         images_root=out / "images" if include_images else None, executor=ex)
+                         images_root=out / "images" if include_images else None, executor=ex,
+                         paths=PathPolicy(input_roots(inputs, photos), {out: "<out>"}))
         for p in inputs.problems:
             ctx.problem(p)
         protocol = (protocol if protocol is not None else RenderProtocol()).with_overrides(
@@ -175,6 +195,8 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         if render_agg is not None:
             kwargs["render_agg"] = render_agg
         match = run_matching(gallery, probe_map, **kwargs)
+        # several face models: each one's ranks, and the models combined (None with one model)
+        models_result = match_models(ctx.pipeline, gallery_results, probe_results, probe_map, match, **kwargs)
 
         # ---- outputs: tables, summary, report
         scan_probes = probe_source.renders_scans
@@ -189,4 +211,5 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
         }
         return write_outputs(out, match=match, source=probe_source, inputs_source=inputs.source, ctx=ctx,
                              gallery=gallery_results, probe_results=probe_results, config=config,
-                             title=title, t_start=t_start, random_weights=random_weights)
+                             title=title, t_start=t_start, random_weights=random_weights,
+                             models=models_result)

@@ -25,7 +25,7 @@ from ..errors import MRIFaceError, TransformError
 from ..inputs import Problem, Scan
 from . import cache as _cache
 
-__all__ = ["Pipeline", "ScanResult", "PhotoResult", "process_scan", "process_photos"]
+__all__ = ["Pipeline", "ScanResult", "PhotoResult", "process_scan", "process_photos", "parse_models"]
 
 log = logging.getLogger("mriface.study")
 
@@ -44,32 +44,43 @@ class Pipeline:
     backend : str
         Renderer backend (``"auto"``: zbuffer on CUDA, embree on the CPU; or
         any name from :func:`mriface.render.available_backends`).
-    model : str
-        Face model, a name from :func:`mriface.recognition.available_models`.
+    model : str or sequence of str
+        Face model, a name from :func:`mriface.recognition.available_models`;
+        or several (a sequence, or names joined by commas): every model
+        embeds the same detections (one aligner cuts each model's crop).
     weights : str or Path, optional
-        The model's weights file (default: the model's own).
+        The model's weights file (default: the model's own); one model only.
     random_weights : bool
-        Use an untrained network (timing runs where the weights are absent;
+        Use untrained networks (timing runs where the weights are absent;
         the ranks mean nothing).
+
+    Attributes
+    ----------
+    models : tuple of str
+        The face models, the first one the primary (``ScanResult.embeddings``).
+    model : str
+        Their names joined by commas (the one name for a single model).
     """
 
-    def __init__(self, *, device: str = "auto", backend: str = "auto", model: str = "facenet",
+    def __init__(self, *, device: str = "auto", backend: str = "auto", model: "str | Sequence[str]" = "facenet",
                  weights: "str | os.PathLike[str] | None" = None, random_weights: bool = False):
         from .._device import resolve_device
-        from ..recognition import available_models
         from ..render import resolve_backend
 
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device)
-        if model not in available_models():  # say so now, not after the first scan's surface
-            raise MRIFaceError(f"unknown face model {model!r}: available models are "
-                               f"{', '.join(available_models())} (mriface.recognition.register_model adds one)")
-        self.model = model
+        self.models = parse_models(model)  # say so now, not after the first scan's surface
+        if weights is not None and len(self.models) > 1:
+            raise MRIFaceError(f"weights={weights!s} names one model's file, but {len(self.models)} models "
+                               f"were asked for ({', '.join(self.models)}): give weights with one model")
+        self.model = ",".join(self.models)
         self.weights = weights
         self.random_weights = random_weights
         self._aligner: dict = {}
-        self._embedder = None
+        self._embedder = None  # None until built, then {name: Embedder} (executor.worker_copy resets it to None)
         self._digests: dict[tuple, str] = {}
+        #: dummy batches run by :meth:`prepare` to warm up the aligner and face models
+        self.warmups = 0
         # Hashed once, when the stages are loaded: the code that runs is the code imported now.
         self._code = {"surface": _cache.code_digest("volume", "surface"),
                       "render": _cache.code_digest("render", "recognition"),
@@ -77,9 +88,19 @@ class Pipeline:
 
     # ---- identity of the work, for cache keys
     def file_digest(self, path: Path) -> str:
-        """SHA-256 of a file's bytes (memoised by path, size and mtime for this run)."""
+        """SHA-256 of a file's bytes (memoised by path, size and mtime for this run); of a DICOM folder's files.
+
+        A DICOM series folder is hashed over every file's relative name and
+        bytes (:func:`mriface.dicom.folder_digest`) each time: a folder's size
+        and mtime do not change when a file inside is rewritten, so it is not memoised.
+        """
         from .._io import sha256_file
 
+        path = Path(path)
+        if path.is_dir():  # a DICOM series folder
+            from ..dicom import folder_digest
+
+            return folder_digest(path)
         st = path.stat()
         memo = (str(path), st.st_size, st.st_mtime_ns)
         if memo not in self._digests:
@@ -96,13 +117,38 @@ class Pipeline:
                 "render_min_face": "image_size // 8, at least 20"}
 
     def model_id(self) -> dict:
-        """What an embedding depends on besides the image: the face model's identity and the aligner."""
+        """What an embedding depends on besides the image: the (primary) face model's identity and the aligner."""
         return {"model": self.embedder.model_id(), "aligner": "FaceAligner defaults"}
+
+    def model_ids(self) -> "dict[str, dict]":
+        """Model name -> :meth:`model_id` of each face model (a cache key per model's embeddings)."""
+        if len(self.models) == 1:  # through model_id(), which a single-model subclass may override
+            return {self.models[0]: self.model_id()}
+        return {m: {"model": self.embedder_for(m).model_id(), "aligner": "FaceAligner defaults"}
+                for m in self.models}
+
+    def model_info(self) -> "list[dict]":
+        """Per face model: name, embedding size, weights' SHA-256, licence and identity (summary, report)."""
+        out = []
+        for m, ident in self.model_ids().items():
+            # model_ids() built the real models; a test pipeline's model_id() may stand in without one
+            emb = self._embedder.get(m) if isinstance(self._embedder, dict) else None
+            inner = ident.get("model", ident) if isinstance(ident, dict) else ident
+            sha = inner.get("weights_sha256") if isinstance(inner, dict) else None
+            out.append({"name": m, "dim": self.dim_for(m), "weights_sha256": sha,
+                        "licence": str(getattr(emb, "licence", "") or "unknown"),
+                        "licence_notice": str(getattr(emb, "licence_notice", "") or ""),
+                        "model_id": ident})
+        return out
 
     @property
     def dim(self) -> int:
-        """Embedding size of the face model."""
+        """Embedding size of the (primary) face model."""
         return int(self.embedder.dim)
+
+    def dim_for(self, model: str) -> int:
+        """Embedding size of face model ``model``."""
+        return int(self.dim) if model == self.models[0] else int(self.embedder_for(model).dim)
 
     # ---- stages
     def load(self, path: Path):
@@ -135,7 +181,12 @@ class Pipeline:
 
         if min_face_size not in self._aligner:
             kw = {} if min_face_size is None else {"min_face_size": int(min_face_size)}
-            self._aligner[min_face_size] = FaceAligner(device=self.device, crops=(self.embedder.crop,), **kw)
+            specs: list = []
+            for m in self.models:  # the primary model's crop first: Alignment.crops
+                spec = self.embedder_for(m).crop
+                if spec not in specs:
+                    specs.append(spec)
+            self._aligner[min_face_size] = FaceAligner(device=self.device, crops=tuple(specs), **kw)
         return self._aligner[min_face_size]
 
     @staticmethod
@@ -151,8 +202,19 @@ class Pipeline:
 
     @property
     def embedder(self):
-        """The face model (:func:`mriface.recognition.get_model`), built on first use."""
-        if self._embedder is None:
+        """The (primary) face model (:func:`mriface.recognition.get_model`), built on first use."""
+        return self.embedder_for(self.models[0])
+
+    def embedder_for(self, model: str):
+        """Face model ``model`` (one of :attr:`models`), built on first use.
+
+        Building one prints its licence notice when its weights' licence
+        restricts use (:class:`~mriface.recognition.onnx_embed.LicenceNotice`);
+        the notice also goes to the study's log.
+        """
+        if not isinstance(self._embedder, dict):
+            self._embedder = {}
+        if model not in self._embedder:
             import torch
 
             from ..recognition import get_model
@@ -161,13 +223,41 @@ class Pipeline:
             # random network in every run, so cached embeddings stay comparable.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                self._embedder = get_model(self.model, device=self.device, weights=self.weights,
-                                           random_weights=self.random_weights)
-        return self._embedder
+                emb = get_model(model, device=self.device, weights=self.weights,
+                                random_weights=self.random_weights)
+            if getattr(emb, "licence_notice", "") and getattr(emb, "_random", None) is None:
+                log.warning("face model %s: %s", model, emb.licence_notice)
+            self._embedder[model] = emb
+        return self._embedder[model]
 
     def prepare(self, image_size: int) -> None:
-        """Build the face models now, so that stage timings do not include loading them."""
-        self._aligner_for(self.render_min_face(image_size))
+        """Build the face models now and warm them up, so that stage timings do not include either.
+
+        A network's first call pays one-off costs that later calls do not:
+        oneDNN compiles its kernels for each layer's shapes, the allocator
+        grows its pools, FaceNet builds its folded channels-last copy (see
+        ``FaceNetEmbedder._runner``). So each aligner and face model, once
+        built, runs one dummy batch (a black ``image_size`` render; two
+        black crops) here, and the first scan of a study costs what the
+        others do. Each is warmed once; :attr:`warmups` counts the dummy
+        batches run.
+        """
+        import torch
+
+        aligner = self._aligner_for(self.render_min_face(image_size))
+        done = self.__dict__.setdefault("_warmed", [])  # objects warmed (by identity)
+        with torch.no_grad():
+            if not any(a is aligner for a in done):
+                aligner.align(torch.zeros(1, int(image_size), int(image_size), 3))
+                done.append(aligner)
+                self.warmups = getattr(self, "warmups", 0) + 1
+            for m in self.models:
+                emb = self.embedder_for(m)
+                if not any(e is emb for e in done):
+                    s = int(emb.crop.size)
+                    emb.embed(torch.zeros(2, 3, s, s))
+                    done.append(emb)
+                    self.warmups = getattr(self, "warmups", 0) + 1
 
     def align(self, images):
         """Images -> Alignment (crops for the model, found, prob, boxes, n_faces).
@@ -179,11 +269,42 @@ class Pipeline:
             return self._aligner_for(self.render_min_face(int(images.shape[1]))).align(images)
         return self.aligner.align(images)
 
-    def embed(self, crops) -> np.ndarray:
-        """(n, 3, S, S) crops -> (n, dim) float32 L2-normalised embeddings."""
+    def embed(self, crops, model: "str | None" = None) -> np.ndarray:
+        """(n, 3, S, S) crops -> (n, dim) float32 L2-normalised embeddings of ``model`` (default: the primary)."""
+        model = self.models[0] if model is None else model
         if len(crops) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return np.asarray(_np(self.embedder.embed(crops)), np.float32)
+            return np.zeros((0, self.dim_for(model)), np.float32)
+        return np.asarray(_np(self.embedder_for(model).embed(crops)), np.float32)
+
+    def crops_for(self, alignment, model: str):
+        """``alignment``'s crops for face model ``model`` (the primary's are ``alignment.crops``)."""
+        if model == self.models[0]:
+            return alignment.crops
+        return alignment.crop_for(self.embedder_for(model).crop)
+
+
+def parse_models(model: "str | Sequence[str]") -> "tuple[str, ...]":
+    """``"facenet,arcface-mbf"`` or ``["facenet", "arcface-mbf"]`` -> a tuple of known, distinct model names.
+
+    Raises
+    ------
+    MRIFaceError
+        No name, a repeated name, or a name not in :func:`mriface.recognition.available_models`.
+    """
+    from ..recognition import available_models
+
+    names = [p.strip() for p in model.split(",")] if isinstance(model, str) else [str(m).strip() for m in model]
+    names = [n for n in names if n]
+    if not names:
+        raise MRIFaceError(f"model={model!r}: name at least one face model ({', '.join(available_models())})")
+    if len(set(names)) != len(names):
+        raise MRIFaceError(f"model={model!r} names a model twice: give each once")
+    known = available_models()
+    for n in names:
+        if n not in known:
+            raise MRIFaceError(f"unknown face model {n!r}: available models are "
+                               f"{', '.join(known)} (mriface.recognition.register_model adds one)")
+    return tuple(names)
 
 
 # --------------------------------------------------------------------------- per-scan results
@@ -200,7 +321,8 @@ class ScanResult:
     path : Path
         The scan file.
     embeddings : numpy.ndarray
-        (V, dim) float32, one row per render; rows of renders with no face are NaN.
+        (V, dim) float32 of the primary face model, one row per render; rows
+        of renders with no face are NaN.
     found : numpy.ndarray
         (V,) bool: a face was detected in the render.
     prob : numpy.ndarray
@@ -213,6 +335,9 @@ class ScanResult:
         Read from the cache (nothing recomputed).
     problem : Problem or None
         Why the scan gave nothing, when it did not.
+    model_embeddings : dict
+        Face model name -> (V, dim) embeddings of the same renders, for every
+        model of the pipeline (the primary's is :attr:`embeddings`).
     """
 
     subject: str
@@ -225,22 +350,28 @@ class ScanResult:
     timings: dict = field(default_factory=dict)
     cached: bool = False
     problem: "Problem | None" = None
+    model_embeddings: dict = field(default_factory=dict)
 
     @property
     def n_found(self) -> int:
         return int(np.count_nonzero(self.found))
 
-    def gallery_embeddings(self) -> "np.ndarray | None":
-        """(n_found, dim) embeddings of renders with a face, or None when there is none."""
+    def embeddings_of(self, model: "str | None" = None) -> np.ndarray:
+        """(V, dim) embeddings of face model ``model`` (None: the primary)."""
+        return self.embeddings if model is None else self.model_embeddings.get(model, self.embeddings)
+
+    def gallery_embeddings(self, model: "str | None" = None) -> "np.ndarray | None":
+        """(n_found, dim) embeddings (of ``model``) of renders with a face, or None when there is none."""
         if self.n_found == 0:
             return None
-        return self.embeddings[self.found]
+        return self.embeddings_of(model)[self.found]
 
-    def probe_embeddings(self) -> list["np.ndarray | None"]:
-        """One entry per render: its (dim,) embedding, or None where no face was found."""
-        if self.embeddings.shape[0] == 0:
+    def probe_embeddings(self, model: "str | None" = None) -> list["np.ndarray | None"]:
+        """One entry per render: its (dim,) embedding (of ``model``), or None where no face was found."""
+        emb = self.embeddings_of(model)
+        if emb.shape[0] == 0:
             return [None]  # a failed scan still counts as one failed probe
-        return [e if ok else None for e, ok in zip(self.embeddings, self.found)]
+        return [e if ok else None for e, ok in zip(emb, self.found)]
 
 
 @dataclass
@@ -254,25 +385,23 @@ class PhotoResult:
     prob: np.ndarray
     cached: bool = False
     problems: list = field(default_factory=list)
+    model_embeddings: dict = field(default_factory=dict)  # face model name -> (P, dim); primary = embeddings
 
-    def probe_embeddings(self) -> list["np.ndarray | None"]:
-        return [e if ok else None for e, ok in zip(self.embeddings, self.found)]
+    def probe_embeddings(self, model: "str | None" = None) -> list["np.ndarray | None"]:
+        emb = self.embeddings if model is None else self.model_embeddings.get(model, self.embeddings)
+        return [e if ok else None for e, ok in zip(emb, self.found)]
 
 
 # --------------------------------------------------------------------------- one scan
 def _surface_for(scan: Scan, pipeline: Pipeline, cache: _cache.CacheLayout, timings: dict,
                  stage: Callable[[str], None]):
     """The scan's HeadSurface, from the cache or computed (and cached)."""
-    from ..surface import load_surface_npz
-
     skey = _cache.key({"v": _cache.CACHE_VERSION, "file": pipeline.file_digest(scan.path),
                        "surface": pipeline.surface_options()})
     path = cache.surface(scan.subject, skey)
-    if path.is_file():
-        try:
-            return load_surface_npz(path)
-        except (OSError, ValueError, KeyError):
-            log.warning("surface cache %s is damaged; recomputing", path)
+    cached = _cache.load_surface(path)  # None when absent, or damaged (reported, then recomputed)
+    if cached is not None:
+        return cached
     with _timed("load", timings, stage):
         volume = pipeline.load(scan.path)
     with _timed("surface", timings, stage):
@@ -308,6 +437,23 @@ def _transformed_surface(scan: Scan, transform, pipeline: Pipeline, cache: _cach
 def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
                  images_dir: "Path | None" = None, transform: Any = None,
                  on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
+    """Reconstruct, render, align and embed one scan, using and filling the cache: the guarded unit.
+
+    Runs :func:`_process_scan` inside :func:`mriface.study.guard.guarded_scan`:
+    any exception becomes the result's ``problem`` and damaged cache entries
+    its ``extra_problems``; only environment failures (disk full, output
+    not writable) raise :class:`~mriface.study.guard.StudyEnvironmentError`.
+    Every executor calls this function. Parameters as :func:`_process_scan`.
+    """
+    from .guard import guarded_scan
+
+    return guarded_scan(_process_scan, scan, role, protocol, pipeline, cache_root, images_dir=images_dir,
+                        transform=transform, on_stage=on_stage)
+
+
+def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
+                  images_dir: "Path | None" = None, transform: Any = None,
+                  on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
     """Reconstruct, render, align and embed one scan, using and filling the cache.
 
     Parameters
@@ -340,28 +486,40 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
     stage = on_stage or (lambda name: None)
 
     def failed(exc: BaseException) -> ScanResult:
+        from .guard import environment_failure
+
+        if (env := environment_failure(exc, [cache_root, images_dir])) is not None:
+            raise env from exc  # disk full, output not writable: the study stops (guard.py)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         kind = "transform_failed" if isinstance(exc, TransformError) else "scan_failed"
         problem = Problem(kind, str(scan.path),
                           f"{role} scan of subject {scan.subject!r} failed: {first}", scan.subject)
         log.warning("%s", problem)
-        return ScanResult(scan.subject, role, scan.path, np.zeros((0, pipeline.dim), np.float32),
-                          np.zeros(0, bool), np.zeros(0), timings=timings, problem=problem)
+        empty = {m: np.zeros((0, pipeline.dim_for(m)), np.float32) for m in models}
+        return ScanResult(scan.subject, role, scan.path, empty[primary], np.zeros(0, bool), np.zeros(0),
+                          timings=timings, problem=problem, model_embeddings=empty)
 
-    model = pipeline.model_id()  # a weights problem stops the study: it is not this scan's fault
+    model_ids = pipeline.model_ids()  # a weights problem stops the study: it is not this scan's fault
+    models, primary = list(model_ids), next(iter(model_ids))
     try:
         digest = pipeline.file_digest(scan.path)
         skey = _cache.key({"v": _cache.CACHE_VERSION, "file": digest, "surface": pipeline.surface_options()})
         what = {"v": _cache.CACHE_VERSION, "surface": skey, "protocol": _cache.protocol_dict(protocol),
-                "render": pipeline.render_options(), "model": model}
+                "render": pipeline.render_options(), "aligner": "FaceAligner defaults",
+                "subject": scan.subject, "role": role}  # renders draw cameras from subject_rng(seed, subject)
         if transform is not None:
             what["transform"] = transform.identity()
-        stem = cache.renders(scan.subject, role, _cache.key(what))
-        entry = _cache.read_entry(stem) if transform is None or transform.cacheable else None
-        if entry is not None and (images_dir is None or (images_dir / scan.subject).is_dir()):
+        dkey = _cache.key(what)
+        stem = cache.renders(scan.subject, role, dkey)
+        cacheable = transform is None or transform.cacheable
+        entry = _read(stem) if cacheable else None
+        have = _cached_embeddings(cache, stem, dkey, model_ids, entry) if cacheable else {}
+        if entry is not None and len(have) == len(models) and (images_dir is None
+                                                              or _images_dir(images_dir, scan).is_dir()):
             meta, arr = entry
-            return ScanResult(scan.subject, role, scan.path, arr["embeddings"], arr["found"].astype(bool),
-                              arr["prob"], meta.get("renders", []), meta.get("timings", {}), True)
+            return ScanResult(scan.subject, role, scan.path, have[primary], arr["found"].astype(bool),
+                              arr["prob"], meta.get("renders", []), meta.get("timings", {}), True,
+                              model_embeddings=have)
         if transform is None:
             surface = _surface_for(scan, pipeline, cache, timings, stage)
         else:
@@ -377,32 +535,101 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
     if images_dir is not None:
         from ..render import write_renders
 
-        write_renders(batch, images_dir / scan.subject)
-    with _timed("align", timings, stage):
+        write_renders(batch, _images_dir(images_dir, scan))
+    with _timed("align", timings, stage):  # one detection for every model: each gets its own crops
         al = pipeline.align(batch.images)
     found = np.asarray(_np(al.found), bool).reshape(-1)
+    # embeddings cached under another detection (e.g. from another device) are not mixed with these
+    have = {m: e for m, e in have.items() if entry is not None and np.array_equal(entry[1]["found"], found)}
+    embs: dict[str, np.ndarray] = {}
     with _timed("embed", timings, stage):
-        emb = _embed_found(pipeline, al.crops, found)
+        for m in models:  # only the models whose embeddings are not cached yet
+            embs[m] = have[m] if m in have else _embed_found(pipeline, m, pipeline.crops_for(al, m), found)
     prob = np.asarray(_np(al.prob), float).reshape(-1)
     renders = _render_records(batch, al)
     meta = {"subject": scan.subject, "role": role, "scan": str(scan.path), "sha256": digest,
             "cache_version": _cache.CACHE_VERSION, "protocol": _cache.protocol_dict(protocol),
             "backend": pipeline.backend, "device": str(pipeline.device), "timings": timings,
-            "renders": renders, "n_found": int(found.sum())}
+            "renders": renders, "n_found": int(found.sum()), "models": models}
     if transform is not None:
         meta["transform"] = transform.identity()
-    if transform is None or transform.cacheable:
-        _cache.write_entry(stem, meta, embeddings=emb, found=found, prob=prob)
-    return ScanResult(scan.subject, role, scan.path, emb, found, prob, renders, timings, False)
+    if cacheable:
+        _cache.write_entry(stem, meta, found=found, prob=prob)
+        for m in models:
+            if m not in have:
+                _write_embeddings(cache, stem, dkey, m, model_ids[m], embs[m], found)
+    return ScanResult(scan.subject, role, scan.path, embs[primary], found, prob, renders, timings, False,
+                      model_embeddings=embs)
 
 
-def _embed_found(pipeline: Pipeline, crops, found: np.ndarray) -> np.ndarray:
-    """(n, dim) embeddings of the crops where ``found``; NaN rows elsewhere."""
-    dim = pipeline.dim
-    emb = np.full((found.size, dim), np.nan, np.float32)
+def _images_dir(images_dir: Path, scan: Scan) -> Path:
+    """The folder of one subject's renders: an id-derived name, kept inside ``images_dir``."""
+    from .._io import child_path, safe_component
+
+    return child_path(images_dir, safe_component(scan.subject))
+
+
+def _read(stem: Path) -> "tuple[dict, dict] | None":
+    """A cache entry, or None when absent or damaged (then it is recomputed)."""
+    damaged = getattr(_cache, "Damaged", None)
+    try:
+        return _cache.read_entry(stem)
+    except Exception as exc:  # noqa: BLE001 - only the cache's own "damaged" signal is expected here
+        if damaged is not None and isinstance(exc, damaged):
+            log.warning("cache entry %s is damaged (%s); recomputing", stem, exc)
+            return None
+        raise
+
+
+def _embeddings_stem(cache: _cache.CacheLayout, stem: Path, dkey: str, model: str, model_id: Any) -> Path:
+    """Stem of one face model's embeddings of the entry ``stem`` (keyed by that entry's key and the model's id)."""
+    k = _cache.key({"v": _cache.CACHE_VERSION, "entry": dkey, "model": model_id})
+    name = f"{stem.name}-{_cache.safe_name(model)}-{k[:16]}"
+    layout = getattr(cache, "embeddings", None)
+    if layout is not None:
+        return layout(stem.name, model, k)
+    try:
+        from .._io import child_path
+    except ImportError:
+        return Path(cache.root) / "embeddings" / name
+    return child_path(cache.root, "embeddings", name)
+
+
+def _cached_embeddings(cache: _cache.CacheLayout, stem: Path, dkey: str, model_ids: dict,
+                       entry: "tuple[dict, dict] | None") -> "dict[str, np.ndarray]":
+    """Model name -> cached embeddings of the entry ``stem``, for the models that have them (and match its detections)."""
+    if entry is None:
+        return {}
+    found = np.asarray(entry[1].get("found", np.zeros(0)), bool)
+    out = {}
+    for m, ident in model_ids.items():
+        got = _read(_embeddings_stem(cache, stem, dkey, m, ident))
+        if got is not None and got[1]["embeddings"].shape[0] == found.size \
+                and np.array_equal(got[1]["found"].astype(bool), found):
+            out[m] = got[1]["embeddings"]
+    return out
+
+
+def _write_embeddings(cache: _cache.CacheLayout, stem: Path, dkey: str, model: str, model_id: Any,
+                      emb: np.ndarray, found: np.ndarray) -> None:
+    _cache.write_entry(_embeddings_stem(cache, stem, dkey, model, model_id),
+                       {"entry": stem.name, "model": model, "model_id": model_id},
+                       embeddings=emb, found=found)
+
+
+def _embed_found(pipeline: Pipeline, model: str, crops, found: np.ndarray) -> np.ndarray:
+    """(n, dim) embeddings by face model ``model`` of the crops where ``found``; NaN rows elsewhere."""
+    emb = np.full((found.size, pipeline.dim_for(model)), np.nan, np.float32)
     if found.any():
-        emb[found] = pipeline.embed(crops[_torch_index(crops, found)])
+        emb[found] = _embed(pipeline, model, crops[_torch_index(crops, found)])
     return emb
+
+
+def _embed(pipeline: Pipeline, model: str, crops) -> np.ndarray:
+    """``pipeline.embed`` for ``model``: the primary as ``embed(crops)`` (subclasses may override that alone)."""
+    if model == pipeline.models[0]:
+        return pipeline.embed(crops)
+    return pipeline.embed(crops, model=model)
 
 
 def _np(x) -> np.ndarray:
@@ -439,38 +666,67 @@ def _render_records(batch, al) -> list[dict]:
 # --------------------------------------------------------------------------- photographs
 def process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
                    cache_root: "str | Path") -> PhotoResult:
+    """Align and embed one participant's photographs: the guarded unit (:func:`mriface.study.guard.guarded_photos`)."""
+    from .guard import guarded_photos
+
+    return guarded_photos(_process_photos, participant, paths, pipeline, cache_root)
+
+
+def _process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
+                    cache_root: "str | Path") -> PhotoResult:
     """Align and embed one participant's photographs (cached by their bytes)."""
     cache = _cache.CacheLayout(cache_root)
     paths = [Path(p) for p in paths]
+    model_ids = pipeline.model_ids()
+    models, primary = list(model_ids), next(iter(model_ids))
     k = _cache.key({"v": _cache.CACHE_VERSION, "photos": [pipeline.file_digest(p) for p in paths],
-                    "model": pipeline.model_id(), "code": pipeline._code["recognition"]})
+                    "aligner": "FaceAligner defaults", "code": pipeline._code["recognition"]})
     stem = cache.photos(participant, k)
-    entry = _cache.read_entry(stem)
-    if entry is not None:
+    entry = _read(stem)
+    have = _cached_embeddings(cache, stem, k, model_ids, entry)
+    if entry is not None and len(have) == len(models):
         _, arr = entry
-        return PhotoResult(participant, paths, arr["embeddings"], arr["found"].astype(bool), arr["prob"], True)
+        return PhotoResult(participant, paths, have[primary], arr["found"].astype(bool), arr["prob"], True,
+                           model_embeddings=have)
     n = len(paths)
-    emb = np.full((n, pipeline.dim), np.nan, np.float32)
+    embs = {m: np.full((n, pipeline.dim_for(m)), np.nan, np.float32) for m in models}
     found = np.zeros(n, bool)
     prob = np.full(n, np.nan)
     problems = []
     try:
         groups = [(list(range(n)), pipeline.align(paths))]  # all at once: the aligner batches equal sizes
-    except MRIFaceError:
-        groups = []  # some file is unreadable: isolate it, one photograph at a time
+    except Exception:  # noqa: BLE001 - some file fails: isolate it, one photograph at a time
+        from .guard import environment_failure
+
+        groups = []
         for i, p in enumerate(paths):
             try:
                 groups.append(([i], pipeline.align([p])))
-            except MRIFaceError as exc:
-                problems.append(Problem("unreadable_photo", str(p), f"{str(exc).splitlines()[0]}", participant))
+            except Exception as exc:  # noqa: BLE001 - any failure of one photograph is that photograph's problem
+                if (env := environment_failure(exc, [cache_root])) is not None:
+                    raise env from exc
+                first = (str(exc).splitlines() or [""])[0]
+                text = first if isinstance(exc, MRIFaceError) and first else f"{type(exc).__name__}: {first}"
+                problems.append(Problem("unreadable_photo", str(p), text, participant))
     for idx, al in groups:
         ok = np.asarray(_np(al.found), bool).reshape(-1)
         prob[idx] = np.asarray(_np(al.prob), float).reshape(-1)
+        found[idx] = ok
+    if entry is None or not np.array_equal(entry[1]["found"].astype(bool), found):
+        have = {}  # cached embeddings of another detection are not mixed with these
+    for idx, al in groups:
+        ok = np.asarray(_np(al.found), bool).reshape(-1)
         if ok.any():
             rows = [i for i, good in zip(idx, ok) if good]
-            emb[rows] = pipeline.embed(al.crops[_torch_index(al.crops, ok)])
-            found[rows] = True
+            for m in models:
+                if m not in have:
+                    crops = pipeline.crops_for(al, m)
+                    embs[m][rows] = _embed(pipeline, m, crops[_torch_index(crops, ok)])
+    embs.update(have)
     _cache.write_entry(stem, {"participant": participant, "photos": [str(p) for p in paths],
-                              "found": found.tolist(), "cache_version": _cache.CACHE_VERSION},
-                       embeddings=emb, found=found, prob=prob)
-    return PhotoResult(participant, paths, emb, found, prob, False, problems)
+                              "found": found.tolist(), "cache_version": _cache.CACHE_VERSION, "models": models},
+                       found=found, prob=prob)
+    for m in models:
+        if m not in have:
+            _write_embeddings(cache, stem, k, m, model_ids[m], embs[m], found)
+    return PhotoResult(participant, paths, embs[primary], found, prob, False, problems, model_embeddings=embs)
