@@ -3,7 +3,8 @@
 ``deface(volume, method="mask", **options) -> DefaceResult``; each method is
 also ``get_method(name)(volume, **options)``. Built in: ``mask`` (pydeface's
 approach), ``plane`` (quickshear's idea), ``blur`` and ``reface``
-(mri_reface's idea). A user method plugs in with :func:`register_method`.
+(mri_reface's idea) and ``adversarial`` (the skin moved a few mm, steered by
+the renderer's and a face model's gradients). A user method plugs in with :func:`register_method`.
 Every method keeps the brain-protection mask byte-identical and says so
 (:attr:`DefaceResult.changed_in_brain`). ``docs/deidentification.md``
 describes the methods and what they protect.
@@ -31,6 +32,7 @@ from .core import (
     run_method,
 )
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from . import adversarial as _adversarial  # noqa: F401  (registers "adversarial")
 from .templates import Template, load_template
 
 __all__ = [

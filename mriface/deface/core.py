@@ -128,6 +128,9 @@ class DefaceResult:
         See :class:`DefaceContext`.
     seconds : float
         Wall time, registration included.
+    info : dict
+        What the method itself reports (JSON-able; e.g. ``adversarial``'s largest
+        displacement and similarities), empty for most methods.
     """
 
     volume: Volume
@@ -141,6 +144,7 @@ class DefaceResult:
     registration: "Registration | None" = None
     tissue_ratio: float = float("nan")
     seconds: float = 0.0
+    info: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """JSON-able facts for sidecars and tables."""
@@ -160,6 +164,7 @@ class DefaceResult:
                 "mattes_mi": round(reg.metric, 4),
             },
             "seconds": round(self.seconds, 3),
+            **({"method_info": self.info} if self.info else {}),
         }
 
 
@@ -311,9 +316,10 @@ def run_method(method: "DefaceMethod | str", volume: Volume, *, template: "Templ
     m = get_method(method) if isinstance(method, str) else method
     ctx = context if context is not None else prepare(volume, template=template, margin_mm=margin_mm, seed=seed)
     out = m.fn(volume, ctx, **options)
-    region = ctx.face
-    if isinstance(out, tuple):
-        out, region = out
+    region, info = ctx.face, {}
+    if isinstance(out, tuple):  # (array, region) or (array, region, info)
+        out, region, *rest = out
+        info = dict(rest[0]) if rest else {}
     out = np.asarray(out, dtype=np.float32)
     if out.shape != volume.shape:
         raise DefaceError(f"method {m.name!r} returned shape {out.shape} for {volume.name} of shape {volume.shape}")
@@ -329,4 +335,4 @@ def run_method(method: "DefaceMethod | str", volume: Volume, *, template: "Templ
         volume=result_vol, method=m.name, face_mask=np.asarray(region, bool), brain_mask=brain,
         changed_in_brain=int(changed[brain].sum()), changed_outside_brain=int(changed[~brain].sum()),
         blocked_in_brain=blocked, options=opts, registration=ctx.registration,
-        tissue_ratio=ctx.tissue_ratio, seconds=time.perf_counter() - t0)
+        tissue_ratio=ctx.tissue_ratio, seconds=time.perf_counter() - t0, info=info)
