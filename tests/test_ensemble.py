@@ -156,7 +156,7 @@ def test_models_parsed_and_checked():
         Pipeline(device="cpu", backend="embree", model="toy-a,toy-b", weights="w.onnx")
 
 
-def test_several_models_embed_one_detection_and_each_gets_its_ranks(tmp_path):
+def test_several_models_embed_one_detection_each_gets_its_ranks_and_is_named(tmp_path):
     single = ToyPipeline("toy-a")
     r1 = _study(tmp_path, single, out="a")
     EMBEDDED.clear()
@@ -179,25 +179,25 @@ def test_several_models_embed_one_detection_and_each_gets_its_ranks(tmp_path):
     assert r.summary["ensemble"]["headline"] == "fusion"
     assert r.summary["rank1"] == r.summary["ensemble"]["fusion"]["rank1"]
     assert r.summary["rank1"]["count"] == 4  # the toy models identify everyone
+    _check_models_named(tmp_path / "ab", r, r1)
 
 
-def test_summary_and_report_name_each_model_with_sha_and_licence(tmp_path):
-    r = _study(tmp_path, ToyPipeline("toy-a,toy-b"))
-    models = {m["name"]: m for m in json.loads((tmp_path / "out" / "summary.json").read_text())["models"]}
+def _check_models_named(out, r, r1):
+    """summary.json and the report name each model with its weights' SHA-256 and licence."""
+    models = {m["name"]: m for m in json.loads((out / "summary.json").read_text())["models"]}
     assert set(models) == {"toy-a", "toy-b"}
     for name, m in models.items():
         assert m["weights_sha256"] == hashlib.sha256(name.encode()).hexdigest()
         assert m["rank1"]["n"] == 4 and "count" in m["top5"]
     assert models["toy-a"]["licence"] == "MIT"
     assert models["toy-b"]["licence"] == NOTICE and models["toy-b"]["licence_notice"] == NOTICE
-    assert NOTICE in (tmp_path / "out" / "study.log").read_text()  # said on first use
-    report = (tmp_path / "out" / "report.md").read_text()
+    assert NOTICE in (out / "study.log").read_text()  # said on first use
+    report = (out / "report.md").read_text()
     for name in ("toy-a", "toy-b"):
         assert f"face model {name}" in report and hashlib.sha256(name.encode()).hexdigest()[:16] in report
     assert "fusion (headline)" in report and NOTICE in report
-    # a single-model study names its model too
-    one = _study(tmp_path, ToyPipeline("toy-a"), out="one")
-    assert [m["name"] for m in one.summary["models"]] == ["toy-a"] and "ensemble" not in one.summary
+    # a single-model study names its model too, and has nothing combined
+    assert [m["name"] for m in r1.summary["models"]] == ["toy-a"] and "ensemble" not in r1.summary
 
 
 def test_adding_a_model_reuses_the_other_models_embeddings(tmp_path):
