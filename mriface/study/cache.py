@@ -38,8 +38,10 @@ __all__ = ["CACHE_VERSION", "key", "code_digest", "safe_name", "protocol_dict", 
 
 log = logging.getLogger("mriface.study")
 
-#: Bumped whenever cached content would change for the same inputs and options.
-CACHE_VERSION = 1
+#: Bumped whenever cached content or its format would change for the same inputs and options
+#: (2: embeddings in one entry per face model; 3: verified entries with shapes and digests,
+#: subject id and role in render keys).
+CACHE_VERSION = 3
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -130,6 +132,10 @@ def write_npz(path: Path, **arrays) -> None:
 def write_entry(stem: Path, meta: dict, **arrays) -> None:
     """Write an entry: arrays first, then the JSON sidecar (shapes, digests) that marks it complete."""
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    for suffix in (".npz", ".json"):  # an empty folder where a damaged entry's file was: out of the way
+        p = with_suffix(stem, suffix)
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+            p.rmdir()
     write_npz(with_suffix(stem, ".npz"), **arrays)
     meta = dict(meta)
     meta["cache_version"] = CACHE_VERSION
@@ -172,6 +178,8 @@ def check_entry(stem: Path, expect: "Mapping[str, tuple] | None" = None) -> "tup
     """:func:`read_entry`, raising :class:`Damaged` instead of reporting it."""
     meta_path, npz_path = with_suffix(stem, ".json"), with_suffix(stem, ".npz")
     if not meta_path.is_file():
+        if meta_path.exists() or meta_path.is_symlink():
+            raise Damaged("the sidecar is not a plain file")
         return None  # absent, or arrays without their sidecar: a run killed between the two writes
     try:
         return _verified(meta_path, npz_path, expect)
