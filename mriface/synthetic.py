@@ -859,6 +859,19 @@ def subject_id(i: int) -> str:
 
 
 def _participant(i: int, seed: int, cfg: CohortConfig, root: Path, sessions: int) -> dict:
+    import torch
+
+    # one torch thread: the same float sums (byte-identical photos) for any worker count, and no
+    # threads spinning against each other when several workers share the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _make_participant(i, seed, cfg, root, sessions)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_participant(i: int, seed: int, cfg: CohortConfig, root: Path, sessions: int) -> dict:
     model = load_face_model()
     ident = _identity(model, cfg, seed, i)
     t = _template(ident["template"])
