@@ -272,6 +272,63 @@ def _run_deface(args: argparse.Namespace) -> int:
     return 0 if res.written or not res.problems else 1
 
 
+def _add_deface_eval(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "deface-eval",
+        help="compare defacing methods: identification after defacing, face detection, brain protection",
+        description="For each method: deface every scan of COHORT, run the scan-to-scan study (original "
+        "scans as the gallery, defaced scans as probes) and, with --photos, the photograph study against "
+        "the defaced gallery. Writes one table (deface_eval.csv/.json, report.html) with a row per method.",
+    )
+    p.add_argument("cohort", metavar="COHORT", help="manifest CSV (subject,scan) or BIDS folder of original scans")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--methods", help="comma-separated registered methods (default: every registered one)")
+    p.add_argument("--defaced", action="append", default=[], metavar="NAME=MANIFEST",
+                   help="an outside tool's defaced scans: a manifest CSV (subject,scan); repeatable")
+    p.add_argument("--photos", help="photographs: folder of <participant>/ folders, or CSV participant,photo")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method's option, e.g. adversarial.steps=10 (VALUE read as JSON when it parses)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the 'original' (undefaced) row")
+    _add_study_options(p)
+    p.set_defaults(func=_run_deface_eval)
+
+
+def _run_deface_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .deface.evaluate import evaluate_methods
+
+    defaced, options = {}, {}
+    for item in args.defaced:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MRIFaceError(f"--defaced {item!r}: give NAME=MANIFEST.csv")
+        defaced[name] = path
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        method, dot, opt = key.partition(".")
+        if not sep or not dot or not method or not opt:
+            raise MRIFaceError(f"--option {item!r}: give METHOD.KEY=VALUE, e.g. adversarial.steps=10")
+        try:
+            options.setdefault(method, {})[opt] = json.loads(value)
+        except ValueError:
+            options.setdefault(method, {})[opt] = value
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    res = evaluate_methods(args.cohort, out=args.out, methods=methods, defaced=defaced, photos=args.photos,
+                           model=args.model, views=args.views, size=args.size, seed=args.seed,
+                           device=args.device, backend=args.backend, method_options=options,
+                           include_images=args.include_images, baseline=not args.no_baseline,
+                           random_weights=args.random_weights, progress=not args.no_progress)
+    for rec in res.table.to_dict("records"):
+        r1 = f"{rec['rank1']:.0f}/{rec['rank1_n']}" if rec["rank1_n"] else "-"
+        print(f"{rec['method']:>14s}: rank 1 {r1}, faces in {rec['face_detected_pct']:.0f}% of renders, "
+              f"brain voxels changed {rec['brain_voxels_changed']}, failures: {rec['failures'] or 'none'}")
+    print(f"table: {res.files['table']}; report: {res.files['html']}")
+    for prob in res.problems:
+        print(f"  problem: {prob}", file=sys.stderr)
+    return 0
+
+
 #: every subcommand's declaring function, in the order --help lists them
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     _add_fetch,
@@ -283,6 +340,7 @@ _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
     _add_surface,
     _add_cohort,
     _add_deface,
+    _add_deface_eval,
 ]
 
 
