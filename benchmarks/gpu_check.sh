@@ -41,5 +41,9 @@ else
   step study-streaming 150 python3 -m benchmarks.bench_study --device $dev --random-weights --skip-per-scan \
     --study-heads pycortex --workers "$(nproc)" --json benchmarks/out/study-streaming.json
 fi
+# issue 9: the adversarial defacing method on the 2 mm head (FaceNet with random weights: the only model that
+# travels; stand-in face region if the templates did not travel); its per-step time is the figure
+step deface-adversarial 150 python3 -m benchmarks.bench_deface_adversarial --device $dev --model facenet \
+  --random-weights --steps 12 --json benchmarks/out/deface-adversarial-gpu.json
 cp benchmarks/out/*.json "$dest/" 2>/dev/null
 ls -la "$dest"

@@ -36,7 +36,7 @@ voxels are never in the face region and are put back by
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 
 import numpy as np
@@ -137,6 +137,20 @@ def warp_volume_near_skin(volume: Volume, region: np.ndarray, verts: np.ndarray,
     return out
 
 
+def _embed_fn(emb):
+    """The face model's differentiable embedding: ``embed_differentiable``, or its torch ``model`` (FaceNet)."""
+    if hasattr(emb, "embed_differentiable"):
+        return emb.embed_differentiable
+    net = getattr(emb, "model", None)
+    if isinstance(net, torch.nn.Module):  # FaceNet: the InceptionResnetV1 that embed() runs (eval mode)
+        def run(crops):
+            x = crops.to(emb.device, getattr(emb, "dtype", torch.float32))
+            return torch.nn.functional.normalize(net(x).float(), dim=1)
+        return run
+    raise DefaceError(f"adversarial: face model {getattr(emb, 'name', emb)!r} has no embed_differentiable() and "
+                      "no torch model to differentiate; use model='arcface-mbf', 'sface' or 'facenet'")
+
+
 def _crop_fn(embedder, aligner, alignment, rows):
     """A differentiable (B, H, W, 3) [0, 1] images -> (B, 3, S, S) model-input crops for fixed views ``rows``."""
     from ..recognition.align import _warp_arcface  # the aligner's own differentiable similarity warp
@@ -157,12 +171,30 @@ def _crop_fn(embedder, aligner, alignment, rows):
     return crop
 
 
+def _frame_landmarks(frame, cams, image_size: int) -> torch.Tensor:
+    """(N, 5, 2) pixel positions of the ArcFace template's five points placed on the face frame.
+
+    The fallback alignment when MTCNN finds no face in any render of the
+    original head (synthetic phantoms): the template, at 1.8 mm per template
+    pixel (63 mm between the eyes), is laid on the plane through the frame's
+    centre facing ``forward`` and projected into every view.
+    """
+    from ..recognition.models import ARCFACE_TEMPLATE
+
+    t = np.asarray(ARCFACE_TEMPLATE, np.float64)
+    pts = (np.asarray(frame.center)[None] + 1.8 * (t[:, :1] - 56.0) * np.asarray(frame.right)[None]
+           - 1.8 * (t[:, 1:] - 62.0) * np.asarray(frame.up)[None] + 20.0 * np.asarray(frame.forward)[None])
+    p = torch.as_tensor(pts, dtype=torch.float64, device=cams.R.device)
+    return cams.to(cams.R.device, torch.float64).project(p, image_size).to(torch.float32).cpu()
+
+
 def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement_mm: float = 4.0,
                      model: "str | object" = "arcface-mbf", weights=None, random_weights: bool = False,
-                     steps: int = 40, views: int = 12, batch_views: int = 4, image_size: int = 256,
-                     lr: float = 0.15, smooth_iters: int = 6, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
+                     steps: int = 12, target_similarity: float = 0.25, views: int = 12, batch_views: int = 4,
+                     image_size: int = 256, lr: float = 0.15, smooth_iters: int = 10, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
                      shell_mm: "float | None" = None, seed: "int | None" = None, device="auto",
-                     backend: str = "zbuffer", verify: bool = True, info: "dict | None" = None):
+                     backend: str = "zbuffer", target_faces: "int | None" = None, verify: bool = True,
+                     info: "dict | None" = None):
     """Move the face's skin by at most ``max_displacement_mm`` so that the face model no longer matches it.
 
     Parameters
@@ -172,11 +204,19 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         exact for the optimised mesh (``tanh`` times a weight <= 1).
     model : str or Embedder
         The face model whose gradients steer the edit (needs
-        ``embed_differentiable``): ``"arcface-mbf"`` (default) or ``"sface"``.
+        ``embed_differentiable`` or a torch ``model``): ``"arcface-mbf"``
+        (default), ``"sface"`` or ``"facenet"``.
     weights, random_weights
         Passed to :func:`mriface.recognition.get_model` for a model name.
     steps : int
-        Adam steps.
+        Most Adam steps.
+    target_similarity : float
+        Stop once the mean cosine similarity of a step's renders to the
+        person's own identity (mean embedding of the original renders) is
+        below this: far enough to be a stranger to the model (ArcFace
+        impostor pairs are mostly below 0.3), near enough that the face stays
+        a face (pushing on to negative similarity broke MTCNN's detection on
+        the 2 mm average head: 4 of 12 renders after 12 steps).
     views : int
         Size of the pool of random views (the render protocol's ranges, seed
         ``seed + 1``: not the study's draws); views where MTCNN finds no face
@@ -202,6 +242,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         Where rendering and the face model run ('auto' = CUDA when present).
     backend : str
         Rasterizer with vertex gradients (``zbuffer``; ``pytorch3d`` also works).
+    target_faces : int, optional
+        Decimate the skin mesh that is optimised to about this many
+        triangles (faster; the volume is warped from it all the same).
     verify : bool
         Re-extract the surface of the result and measure its distance to the optimised skin.
     info : dict, optional
@@ -224,12 +267,10 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     shell = float(shell_mm) if shell_mm is not None else max(6.0, 3.0 * float(max_displacement_mm))
     gen = torch.Generator().manual_seed(seed)
     emb = get_model(model, device=dev, weights=weights, random_weights=random_weights) if isinstance(model, str) else model
-    if not hasattr(emb, "embed_differentiable"):
-        raise DefaceError(f"adversarial: face model {getattr(emb, 'name', model)!r} has no embed_differentiable(); "
-                          "use model='arcface-mbf' or 'sface'")
+    embed = _embed_fn(emb)
 
     timing = {}
-    surf = extract_head_surface(volume, device=dev)
+    surf = extract_head_surface(volume, device=dev, target_faces=target_faces)
     timing["surface"] = time.perf_counter() - t0
     verts0 = np.asarray(surf.verts, np.float64)
     normals0 = np.asarray(surf.normals, np.float64)
@@ -258,14 +299,21 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         images0 = render(v0, all_views)
     al0 = aligner.align(images0.cpu())
     rows = torch.nonzero(al0.found).flatten()
+    alignment_source = "mtcnn"
     if len(rows) == 0:
-        raise DefaceError(f"{volume.name}: MTCNN finds no face in any render of the original head (adversarial); "
-                          "check the surface and its face frame")
+        if emb.crop.alignment != "arcface":
+            raise DefaceError(f"{volume.name}: MTCNN finds no face in any render of the original head "
+                              "(adversarial); check the surface and its face frame")
+        # no face detected (a phantom): the template laid on the face frame stands in for the landmarks
+        alignment_source = "face-frame"
+        al0 = dataclasses.replace(al0, landmarks=_frame_landmarks(surf.frame, cams, protocol.image_size))
+        rows = torch.arange(len(al0))
     pool = rows.to(dev)
     crop = _crop_fn(emb, aligner, al0, rows)
     with torch.no_grad():
-        e_orig = emb.embed_differentiable(crop(images0[pool], torch.arange(len(rows)))).float()
+        e_orig = embed(crop(images0[pool], torch.arange(len(rows)))).float()
         identity = torch.nn.functional.normalize(e_orig.mean(0), dim=0)
+        sim_start = float((e_orig @ identity).mean())
 
     timing["setup_detect"] = time.perf_counter() - t0 - sum(timing.values())
     smooth = smoothing_operator(surf.faces, len(verts0), dev)
@@ -286,7 +334,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         d = displacement(p)
         verts = v0 + d[:, None] * n0
         img = render(verts, pool[pick.to(dev)])
-        e = emb.embed_differentiable(crop(img, pick))
+        e = embed(crop(img, pick))
         sim = (e.float() @ identity).mean()
         lap = d - torch.sparse.mm(smooth, d[:, None])[:, 0]
         loss = sim + smooth_weight * (lap ** 2).mean() / max(float(wt.mean()), 1e-6)
@@ -294,12 +342,14 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         loss.backward()
         opt.step()
         history.append(round(float(sim.detach()), 4))
+        if history[-1] < target_similarity:
+            break
 
     with torch.no_grad():
         d = displacement(p)
         verts_adv = (v0 + d[:, None] * n0)
         img = render(verts_adv, pool)
-        sim_final = float((emb.embed_differentiable(crop(img, torch.arange(len(rows)))).float() @ identity).mean())
+        sim_final = float((embed(crop(img, torch.arange(len(rows)))).float() @ identity).mean())
     al1 = aligner.align(render(verts_adv, all_views).cpu())
     timing["optimise"] = time.perf_counter() - t0 - sum(timing.values())
     disp = d.cpu().numpy().astype(np.float64)
@@ -313,8 +363,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         "mean_abs_displacement_mm_face": round(float(np.abs(disp[w > 0]).mean()), 3),
         "vertices_moved": int((np.abs(disp) > 0.05).sum()),
         "views_in_pool": int(len(rows)),
-        "steps": int(steps),
-        "similarity_to_identity_start": history[0] if history else None,
+        "landmarks": alignment_source,
+        "steps": len(history),
+        "similarity_to_identity_start": round(sim_start, 4),
         "similarity_to_identity_end": round(sim_final, 4),
         "similarity_history": history,
         "mtcnn_found_original": f"{int(al0.found.sum())}/{len(al0)}",
@@ -324,7 +375,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         # the volume's own surface must carry the edit: distance of the re-extracted skin to the optimised one
         from scipy.spatial import cKDTree
 
-        new = extract_head_surface(Volume(out, volume.affine, volume.modality, volume.path), device=dev)
+        new = extract_head_surface(Volume(out, volume.affine, volume.modality, volume.path), device=dev,
+                                   target_faces=target_faces)
         tree = cKDTree(np.asarray(new.verts, np.float64))
         core = w >= 0.99
         moved = core & (np.abs(disp) > 0.5)

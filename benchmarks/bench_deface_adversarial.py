@@ -1,0 +1,92 @@
+"""Time the ``adversarial`` defacing method on one sample head (CPU or CUDA).
+
+    python -m benchmarks.bench_deface_adversarial --device cuda --random-weights --json benchmarks/out/deface-adversarial.json
+
+Where the templates (pydeface's average head, nilearn's brain mask) cannot be
+fetched (the GPU host carries only the 'voxface' head), the face region is a
+stand-in: the voxels within 45 mm of the face frame's centre on the face's
+side; the brain mask is empty. The timing is of the method itself (surface,
+detection, optimisation, write-back), not of registration; ``--random-weights``
+times the network without its real weights (figures of *what* the method
+achieves come from CPU runs with real weights, docs/deidentification.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._common import machine_info, sync, write_json
+
+QUICK_ARGS = ["--steps", "1", "--views", "2", "--image-size", "128", "--target-faces", "20000",
+              "--random-weights", "--model", "facenet", "--no-verify",
+              "--json", "benchmarks/out/deface-adversarial-quick.json"]
+
+
+def _context(vol, device):
+    """The real DefaceContext, or a stand-in face region when the templates are not on this machine."""
+    from mriface.deface import prepare
+    from mriface.deface.core import DefaceContext
+    from mriface.surface import extract_head_surface
+
+    try:
+        return prepare(vol), "registered"
+    except Exception as exc:  # noqa: BLE001 (no templates on the GPU host: fetching fails in any number of ways)
+        print(f"templates unavailable ({type(exc).__name__}: {exc}); stand-in face region")
+    frame = extract_head_surface(vol, device=device).frame
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1).reshape(-1, 3)
+    xyz = ijk @ vol.affine[:3, :3].T + vol.affine[:3, 3] - frame.center
+    face = ((np.linalg.norm(xyz, axis=1) < 45.0) & (xyz @ frame.forward > -10.0)).reshape(vol.shape)
+    return DefaceContext(template=None, registration=None, face=face, brain=np.zeros(vol.shape, bool),
+                         tissue_ratio=1.0), "stand-in"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--head", default="voxface")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="arcface-mbf")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--views", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--target-faces", type=int, default=None)
+    ap.add_argument("--target-similarity", type=float, default=0.25)
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--json", default="benchmarks/out/deface-adversarial.json")
+    a = ap.parse_args(argv)
+
+    from mriface import datasets
+    from mriface._device import resolve_device
+    from mriface.deface.adversarial import adversarial_face
+    from mriface.recognition import get_model
+    from mriface.volume import load_volume
+
+    dev = resolve_device(a.device)
+    vol = load_volume(datasets.fetch(a.head))
+    ctx, how = _context(vol, dev)
+    model = get_model(a.model, device=dev, random_weights=a.random_weights)
+    # random weights give a random target: stop by steps only
+    target = -2.0 if a.random_weights else a.target_similarity
+    sync(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    _, _, info = adversarial_face(vol, ctx, model=model, steps=a.steps, views=a.views, image_size=a.image_size,
+                                  target_faces=a.target_faces, target_similarity=target, device=dev,
+                                  verify=not a.no_verify)
+    sync(dev)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    info.pop("similarity_history", None)
+    result = {"machine": machine_info(dev), "head": a.head, "context": how, "model": a.model,
+              "random_weights": a.random_weights, "steps_asked": a.steps, "views": a.views,
+              "image_size": a.image_size, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+              "per_step_s": round(info["seconds_by_step"]["optimise"] / max(info["steps"], 1), 3), "info": info}
+    print(result)
+    write_json(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
