@@ -17,6 +17,10 @@ Problems with single rows or files do not stop a study: each becomes a
 :class:`Problem` (one line naming the row or file and the fix), the rest goes
 ahead, and the study counts the problems in its summary. Only a source that
 cannot be read at all raises :class:`~mriface.errors.ManifestError`.
+
+This module is over 500 lines because the three input shapes (manifest, BIDS,
+photographs) share its row-level checks and problem wording (missing,
+unreadable, permission denied, skipped files); each part is a short function.
 """
 
 from __future__ import annotations

@@ -163,10 +163,13 @@ def test_render_views_drops_only_triangles_no_camera_can_see(small_head):
 
 
 def test_write_renders_writes_pngs_and_a_parameter_table(tmp_path):
+    from mriface._io import safe_component
+
     head = synthetic_head()
     b = render_views({"sub/01": head}, RenderProtocol(views=2, image_size=24), device="cpu")
     paths = write_renders(b, tmp_path / "out", prefix="g_")
-    assert [p.name for p in paths] == ["g_sub_01_view00.png", "g_sub_01_view01.png"]
+    safe = safe_component("sub/01")  # issue 13: one safe name per id ("sub_01-<hash>": "/" was replaced)
+    assert safe.startswith("sub_01-") and [p.name for p in paths] == [f"g_{safe}_view00.png", f"g_{safe}_view01.png"]
     png = np.asarray(Image.open(paths[1]))
     assert png.shape == (24, 24, 3)
     assert np.abs(png.astype(float) / 255 - b.images[1].numpy()).max() <= 0.5 / 255 + 1e-6

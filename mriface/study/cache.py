@@ -22,19 +22,21 @@ Layout under the cache folder (``<subject>`` is :func:`mriface._io.safe_componen
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from .._io import atomic_path, child_path, safe_component, write_text_atomic
 
 __all__ = ["CACHE_VERSION", "key", "code_digest", "safe_name", "protocol_dict", "with_suffix", "CacheLayout",
-           "read_entry", "check_entry", "write_entry", "write_npz", "save_surface", "load_surface", "Damaged", "array_digest"]
+           "read_entry", "check_entry", "write_entry", "write_npz", "save_surface", "load_surface", "Damaged", "array_digest", "collect_damage", "report_damage"]
 
 log = logging.getLogger("mriface.study")
 
@@ -105,6 +107,28 @@ class CacheLayout:
         return child_path(self.root, "photos", f"{safe_name(participant)}-{k[:16]}")
 
 
+_damage: "contextvars.ContextVar[list | None]" = contextvars.ContextVar("mriface_cache_damage", default=None)
+
+
+@contextlib.contextmanager
+def collect_damage() -> Iterator[list]:
+    """Collect ``(entry, reason)`` reports of damaged cache entries made during the block (one item's work)."""
+    sink: list = []
+    token = _damage.set(sink)
+    try:
+        yield sink
+    finally:
+        _damage.reset(token)
+
+
+def report_damage(entry: Path, reason: str) -> None:
+    """A cache entry failed its checks and will be recomputed: log it, and note it for the item's problems."""
+    log.warning("cache entry %s is damaged (%s); recomputing", entry, reason)
+    sink = _damage.get()
+    if sink is not None:
+        sink.append((entry, reason))
+
+
 class Damaged(Exception):
     """A cache entry failed its checks (the message says which); the caller recomputes it."""
 
@@ -162,14 +186,12 @@ def read_entry(stem: Path, expect: "Mapping[str, tuple] | None" = None) -> "tupl
         unreadable or malformed sidecar, truncated/empty/pickled/altered
         arrays, wrong shapes, an older format. Any exception while reading
         counts (``BadZipFile``, ``EOFError``, ...). A damaged entry is
-        reported (:func:`mriface.study.guard.report_damage`: logged, and a
+        reported (:func:`report_damage`: logged, and a
         ``damaged_cache_entry`` problem of the item) and the caller recomputes it.
     """
     try:
         return check_entry(stem, expect)
     except Damaged as exc:
-        from .guard import report_damage
-
         report_damage(stem, str(exc))
         return None
 
@@ -242,7 +264,5 @@ def load_surface(stem: Path):
             raise Damaged("faces index vertices that are not there, or normals do not match the vertices")
         return HeadSurface(a["verts"], a["faces"], a["normals"], FaceFrame(a["center"], a["forward"], a["up"]))
     except Exception as exc:  # noqa: BLE001 - a surface that does not hold together is recomputed
-        from .guard import report_damage
-
         report_damage(stem, str(exc) if isinstance(exc, Damaged) else f"not a surface: {exc}")
         return None

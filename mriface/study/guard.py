@@ -22,7 +22,6 @@ gathers those reports during one item's work so that each becomes one
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import logging
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import MRIFaceError, TransformError, WeightsError
 from ..inputs import Problem
+from .cache import collect_damage, report_damage
 
 __all__ = ["StudyEnvironmentError", "environment_failure", "stop_on_environment_failure", "guarded_scan", "guarded_photos",
            "collect_damage", "report_damage", "ENVIRONMENT_ERRNOS"]
@@ -91,28 +91,6 @@ def environment_failure(exc: BaseException, roots: Sequence["str | Path"] = ()) 
     return None
 
 
-_damage: "contextvars.ContextVar[list | None]" = contextvars.ContextVar("mriface_cache_damage", default=None)
-
-
-@contextlib.contextmanager
-def collect_damage() -> Iterator[list]:
-    """Collect ``(entry, reason)`` reports of damaged cache entries made during the block."""
-    sink: list = []
-    token = _damage.set(sink)
-    try:
-        yield sink
-    finally:
-        _damage.reset(token)
-
-
-def report_damage(entry: Path, reason: str) -> None:
-    """A cache entry failed its checks and will be recomputed: log it, and note it for the item's problems."""
-    log.warning("cache entry %s is damaged (%s); recomputing", entry, reason)
-    sink = _damage.get()
-    if sink is not None:
-        sink.append((entry, reason))
-
-
 def _first_line(exc: BaseException) -> str:
     text = (str(exc).splitlines() or [""])[0].strip()
     return text if isinstance(exc, MRIFaceError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -125,19 +103,16 @@ def _damage_problems(sink: list, subject: "str | None") -> list:
 
 
 def guarded_scan(work: Callable[..., Any], scan: Any, role: str, protocol: Any, pipeline: Any,
-                 cache_root: "str | Path", **kw) -> Any:
+                 cache_root: "str | Path", *, failed: Callable[[Problem, int], Any], **kw) -> Any:
     """``work(scan, role, protocol, pipeline, cache_root, **kw)`` (a ScanResult), or a failed ScanResult.
 
     The one guarded unit of a scan: any exception becomes the result's
     ``problem`` (``transform_failed`` for a transform, else
     ``scan_failed``), except environment failures, which raise
     :class:`StudyEnvironmentError`. Damaged cache entries met on the way are
-    added to the result's ``extra_problems``.
+    added to the result's ``extra_problems``. ``failed(problem, dim)`` makes
+    the result of a failed scan (``dim``: the embedding size, 0 if unknown).
     """
-    import numpy as np
-
-    from .stages import ScanResult
-
     roots = [cache_root, kw.get("images_dir")]
     with collect_damage() as sink:
         try:
@@ -156,23 +131,18 @@ def guarded_scan(work: Callable[..., Any], scan: Any, role: str, protocol: Any, 
                 dim = int(pipeline.dim)
             except Exception:  # noqa: BLE001 - the model itself may be what failed
                 dim = 0
-            res = ScanResult(scan.subject, role, scan.path, np.zeros((0, dim), np.float32), np.zeros(0, bool),
-                             np.zeros(0), problem=problem)
+            res = failed(problem, dim)
     res.extra_problems = [*getattr(res, "extra_problems", []), *_damage_problems(sink, scan.subject)]
     return res
 
 
 def guarded_photos(work: Callable[..., Any], participant: str, paths: Sequence[Path], pipeline: Any,
-                   cache_root: "str | Path") -> Any:
-    """``work(participant, paths, pipeline, cache_root)`` (a PhotoResult), or one with every photo failed.
+                   cache_root: "str | Path", *, failed: Callable[[Problem, int], Any]) -> Any:
+    """``work(participant, paths, pipeline, cache_root)`` (a PhotoResult), or ``failed(problem, dim)``.
 
     The one guarded unit of a participant's photographs (single unreadable
     photographs are already isolated inside ``work``).
     """
-    import numpy as np
-
-    from .stages import PhotoResult
-
     paths = [Path(p) for p in paths]
     with collect_damage() as sink:
         try:
@@ -190,10 +160,7 @@ def guarded_photos(work: Callable[..., Any], participant: str, paths: Sequence[P
                 dim = int(pipeline.dim)
             except Exception:  # noqa: BLE001
                 dim = 0
-            n = len(paths)
-            res = PhotoResult(participant, paths, np.full((n, dim), np.nan, np.float32), np.zeros(n, bool),
-                              np.full(n, np.nan), False, [problem])
-            res.failed = True
+            res = failed(problem, dim)
     res.problems = [*res.problems, *_damage_problems(sink, participant)]
     return res
 

@@ -4,7 +4,13 @@
 and builds the face models on first use. :func:`process_scan` takes one scan
 (a volume or a mesh file) through them, or one transformed scan when a
 transform is given; :func:`process_photos` does one participant's
-photographs. Both read and fill the cache (:mod:`mriface.study.cache`).
+photographs. Both read and fill the cache (:mod:`mriface.study.cache`), and
+both are the guarded unit of :mod:`mriface.study.guard` that every executor calls.
+
+This module is over 500 lines because one scan's work (cache keys, the
+per-model embedding entries of several face models, the guarded wrappers) and
+the Pipeline those steps call belong together; splitting them would put the
+cache keys in a different module from the stages whose inputs they list.
 """
 
 from __future__ import annotations
@@ -447,8 +453,12 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
     """
     from .guard import guarded_scan
 
-    return guarded_scan(_process_scan, scan, role, protocol, pipeline, cache_root, images_dir=images_dir,
-                        transform=transform, on_stage=on_stage)
+    def failed(problem: Problem, dim: int) -> ScanResult:
+        return ScanResult(scan.subject, role, scan.path, np.zeros((0, dim), np.float32), np.zeros(0, bool),
+                          np.zeros(0), problem=problem)
+
+    return guarded_scan(_process_scan, scan, role, protocol, pipeline, cache_root, failed=failed,
+                        images_dir=images_dir, transform=transform, on_stage=on_stage)
 
 
 def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
@@ -669,7 +679,12 @@ def process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
     """Align and embed one participant's photographs: the guarded unit (:func:`mriface.study.guard.guarded_photos`)."""
     from .guard import guarded_photos
 
-    return guarded_photos(_process_photos, participant, paths, pipeline, cache_root)
+    def failed(problem: Problem, dim: int) -> PhotoResult:
+        n = len(paths)
+        return PhotoResult(participant, [Path(p) for p in paths], np.full((n, dim), np.nan, np.float32),
+                           np.zeros(n, bool), np.full(n, np.nan), False, [problem])
+
+    return guarded_photos(_process_photos, participant, paths, pipeline, cache_root, failed=failed)
 
 
 def _process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
