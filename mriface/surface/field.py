@@ -37,22 +37,34 @@ def _catmull_rom_weights(t):
 
 def _resample_axis_np(a: np.ndarray, axis: int, start: float, step: float, n: int) -> np.ndarray:
     """Catmull-Rom samples of ``a`` along ``axis`` at ``start + step * arange(n)`` (index units)."""
+    from ._threads import in_slabs
+
     pos = start + step * np.arange(n, dtype=np.float64)
     i0 = np.floor(pos).astype(np.int64)
     t = (pos - i0).astype(np.float32)
     last = a.shape[axis] - 1
     shape = [1, 1, 1]
     shape[axis] = n
+    taps = [(np.clip(i0 + off, 0, last), w.reshape(shape))
+            for off, w in zip((-1, 0, 1, 2), _catmull_rom_weights(t))]
     out = np.empty(a.shape[:axis] + (n,) + a.shape[axis + 1:], np.float32)
-    buf = np.empty_like(out)
-    # one scratch array for the four taps: fresh full-size temporaries cost
-    # as much in page faults as the arithmetic
-    for j, (off, w) in enumerate(zip((-1, 0, 1, 2), _catmull_rom_weights(t))):
-        dst = out if j == 0 else buf
-        np.take(a, np.clip(i0 + off, 0, last), axis=axis, out=dst)
-        dst *= w.reshape(shape)
-        if j:
-            out += buf
+    k = 1 if axis == 0 else 0  # slabs along another axis: each is resampled on its own
+
+    def slab(sl: slice) -> None:
+        idx = (slice(None),) * k + (sl,)
+        src, dst = a[idx], out[idx]
+        # one scratch array for the four taps: fresh full-size temporaries cost
+        # as much in page faults as the arithmetic
+        buf = np.empty(dst.shape, np.float32)
+        for j, (cols, w) in enumerate(taps):
+            np.take(src, cols, axis=axis, out=buf)
+            buf *= w
+            if j:
+                dst += buf
+            else:
+                dst[...] = buf
+
+    in_slabs(slab, a.shape[k])
     return out
 
 
@@ -139,6 +151,25 @@ def _forced_levels(est: ThresholdEstimate, threshold: float) -> "tuple[float, fl
     return min(est.air, threshold) - 0.5 * span, max(est.skin, threshold) + 0.5 * span
 
 
+def _correlate1d(a: np.ndarray, w: np.ndarray, axis: int, output: np.ndarray) -> None:
+    """``scipy.ndimage.correlate1d(a, w, axis, output, mode="nearest")`` in slabs along another axis, threaded.
+
+    Each line along ``axis`` is filtered on its own, so the slabs give the
+    same bits as one call; ``a`` and ``output`` must not overlap.
+    """
+    from scipy import ndimage as ndi
+
+    from ._threads import in_slabs
+
+    k = 1 if axis == 0 else 0
+
+    def slab(sl: slice) -> None:
+        idx = (slice(None),) * k + (sl,)
+        ndi.correlate1d(a[idx], w, axis=axis, output=output[idx], mode="nearest")
+
+    in_slabs(slab, a.shape[k])
+
+
 def _field_np(volume: Volume, grid: _Grid, sigma_vox: float, inner, outer, lo_val, hi_val) -> np.ndarray:
     """Resampled, smoothed, forced and padded intensity on the work grid (numpy)."""
     a = volume.data
@@ -164,13 +195,11 @@ def _field_np(volume: Volume, grid: _Grid, sigma_vox: float, inner, outer, lo_va
         # array: every fresh array of this size (> 32 MB, so mmap'ed by
         # malloc) costs as much in page faults as a filter pass
         w = _gauss_kernel(sigma_vox)
-        from scipy import ndimage as ndi
-
         # (a resampled copy is free to overwrite once read)
         tmp = a if owned else np.empty(a.shape, np.float32)
-        ndi.correlate1d(a, w, axis=0, output=inner_view, mode="nearest")
-        ndi.correlate1d(inner_view, w, axis=1, output=tmp, mode="nearest")
-        ndi.correlate1d(tmp, w, axis=2, output=inner_view, mode="nearest")
+        _correlate1d(a, w, 0, inner_view)
+        _correlate1d(inner_view, w, 1, tmp)
+        _correlate1d(tmp, w, 2, inner_view)
     else:
         inner_view[...] = a
     np.maximum(inner_view, np.float32(hi_val), out=inner_view, where=inner)

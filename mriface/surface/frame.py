@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SurfaceError
+from ._threads import surface_threads
 from .types import FaceFrame
 
 __all__ = ["estimate_face_frame"]
@@ -39,10 +40,13 @@ def _symmetry_plane(points: np.ndarray, normals: np.ndarray, rng: np.random.Gene
     probe_all = points[rng.choice(points.shape[0], min(points.shape[0], 500), replace=False)]
     c = points.mean(axis=0)
 
+    # each point's nearest neighbour is found on its own: several threads give the same answer
+    workers = surface_threads()
+
     def score(n, off, probe=probe_all):
         n = n / np.linalg.norm(n)
         m = probe - 2.0 * ((probe - c) @ n - off)[:, None] * n
-        _, idx = tree.query(m)
+        _, idx = tree.query(m, workers=workers)
         d = np.abs(np.einsum("ij,ij->i", m - tree_pts[idx], tree_nrm[idx]))
         return float(np.minimum(d, 10.0).mean())
 
