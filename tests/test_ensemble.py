@@ -24,7 +24,7 @@ from mriface.fusion import best_of_models, combine, fuse_scores, zscore
 from mriface.match import MatchResult, rank_of
 from mriface.recognition import CropSpec, register_model
 from mriface.study import Pipeline, run_study
-from test_study import FakePipeline, _cohort, _identity
+from test_study import FakePipeline, _cohort, _identity, _mtimes
 
 TOY_CROP_A = CropSpec(8, "box", "fixed_standardization")
 TOY_CROP_B = CropSpec(8, "arcface", "arcface")
@@ -204,8 +204,10 @@ def test_adding_a_model_reuses_the_other_models_embeddings(tmp_path):
     _study(tmp_path, ToyPipeline("toy-a"))
     assert EMBEDDED["toy-a"] == 24 and EMBEDDED["toy-b"] == 0
     EMBEDDED.clear()
+    renders = _mtimes(tmp_path / "cache" / "renders")
     r = _study(tmp_path, ToyPipeline("toy-a,toy-b"))
     assert EMBEDDED["toy-a"] == 0 and EMBEDDED["toy-b"] == 24  # only the new model's embeddings computed
+    assert _mtimes(tmp_path / "cache" / "renders") == renders  # the detections' entries are kept as they are
     assert r.computed == 8
     EMBEDDED.clear()
     p = ToyPipeline("toy-b,toy-a")  # another primary: the same per-model entries

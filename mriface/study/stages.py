@@ -550,7 +550,8 @@ def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cach
         al = pipeline.align(batch.images)
     found = np.asarray(_np(al.found), bool).reshape(-1)
     # embeddings cached under another detection (e.g. from another device) are not mixed with these
-    have = {m: e for m, e in have.items() if entry is not None and np.array_equal(entry[1]["found"], found)}
+    same = entry is not None and np.array_equal(np.asarray(entry[1]["found"], bool), found)
+    have = have if same else {}
     embs: dict[str, np.ndarray] = {}
     with _timed("embed", timings, stage):
         for m in models:  # only the models whose embeddings are not cached yet
@@ -564,7 +565,8 @@ def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cach
     if transform is not None:
         meta["transform"] = transform.identity()
     if cacheable:
-        _cache.write_entry(stem, meta, found=found, prob=prob)
+        if not same:  # an intact entry of the same detection stays as it is (only embeddings were missing)
+            _cache.write_entry(stem, meta, found=found, prob=prob)
         for m in models:
             if m not in have:
                 _write_embeddings(cache, stem, dkey, m, model_ids[m], embs[m], found)
@@ -727,7 +729,8 @@ def _process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
         ok = np.asarray(_np(al.found), bool).reshape(-1)
         prob[idx] = np.asarray(_np(al.prob), float).reshape(-1)
         found[idx] = ok
-    if entry is None or not np.array_equal(entry[1]["found"].astype(bool), found):
+    same = entry is not None and np.array_equal(entry[1]["found"].astype(bool), found)
+    if not same:
         have = {}  # cached embeddings of another detection are not mixed with these
     for idx, al in groups:
         ok = np.asarray(_np(al.found), bool).reshape(-1)
@@ -738,9 +741,10 @@ def _process_photos(participant: str, paths: Sequence[Path], pipeline: Pipeline,
                     crops = pipeline.crops_for(al, m)
                     embs[m][rows] = _embed(pipeline, m, crops[_torch_index(crops, ok)])
     embs.update(have)
-    _cache.write_entry(stem, {"participant": participant, "photos": [str(p) for p in paths],
-                              "found": found.tolist(), "cache_version": _cache.CACHE_VERSION, "models": models},
-                       found=found, prob=prob)
+    if not same:  # an intact entry of the same detection stays as it is (only embeddings were missing)
+        _cache.write_entry(stem, {"participant": participant, "photos": [str(p) for p in paths],
+                                  "found": found.tolist(), "cache_version": _cache.CACHE_VERSION,
+                                  "models": models}, found=found, prob=prob)
     for m in models:
         if m not in have:
             _write_embeddings(cache, stem, k, m, model_ids[m], embs[m], found)
