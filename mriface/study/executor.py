@@ -36,7 +36,6 @@ so that N workers do not each start a thread per core.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import multiprocessing as mp
 import os
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import MRIFaceError
+from .worker import (  # noqa: F401 - busy_summary, peak_rss_mb, prefetch_surface: re-exported
+    busy_summary, log_busy, peak_rss_mb, prefetch_surface, thread_env, worker_copy, worker_main)
 
 __all__ = ["EXECUTORS", "Executor", "StreamingExecutor", "default_workers", "open_executor", "busy_summary"]
 
@@ -54,9 +55,6 @@ log = logging.getLogger("mriface.study")
 #: Executor names accepted by ``run_study(executor=...)``.
 EXECUTORS = ("auto", "sequential", "streaming", "ray")
 
-#: Environment variables that size the thread pools of OpenMP, BLAS and friends.
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS")
 
 
 def default_workers() -> int:
@@ -143,178 +141,6 @@ class Executor:
         from .stages import process_photos
 
         return process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
-
-
-# --------------------------------------------------------------------------- busy time and overlap
-def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
-def _length(intervals: Iterable[tuple[float, float]]) -> float:
-    return sum(b - a for a, b in intervals)
-
-
-def _intersection(u: list, v: list) -> float:
-    i = j = 0
-    total = 0.0
-    while i < len(u) and j < len(v):
-        lo, hi = max(u[i][0], v[j][0]), min(u[i][1], v[j][1])
-        total += max(0.0, hi - lo)
-        if u[i][1] < v[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
-def busy_summary(intervals: Sequence[tuple[str, str, float, float]], wall: float) -> dict:
-    """Per-stage busy seconds and how much the workers' and this process's work overlapped.
-
-    Parameters
-    ----------
-    intervals : sequence of (where, stage, start, end)
-        ``where`` is ``"workers"`` or ``"main"``; times from ``time.time()`` (seconds).
-    wall : float
-        Seconds from the first hand-out to the last result.
-    """
-    busy: dict[str, float] = {}
-    for where, stage, a, b in intervals:
-        busy[f"{stage} ({where})"] = busy.get(f"{stage} ({where})", 0.0) + (b - a)
-    workers = _union((a, b) for w, _, a, b in intervals if w == "workers")
-    main = _union((a, b) for w, s, a, b in intervals if w == "main" and s != "wait")
-    both = _intersection(workers, main)
-    total = sum(busy.values()) - busy.get("wait (main)", 0.0)
-    return {"wall_s": wall, "busy_s": busy, "workers_busy_s": _length(workers), "main_busy_s": _length(main),
-            "overlap_s": both, "overlap_fraction": both / wall if wall > 0 else 0.0,
-            "parallelism": total / wall if wall > 0 else 0.0}
-
-
-def log_busy(name: str, summary: dict) -> None:
-    """One log line: the stages' busy time and their overlap."""
-    busy = ", ".join(f"{k} {v:.2f} s" for k, v in summary["busy_s"].items())
-    log.info("executor %s: wall %.2f s; busy: %s; workers and main busy at once %.2f s (%.0f%% of wall); "
-             "work / wall = %.2f", name, summary["wall_s"], busy, summary["overlap_s"],
-             100 * summary["overlap_fraction"], summary["parallelism"])
-
-
-# --------------------------------------------------------------------------- worker side
-def worker_copy(pipeline: Any) -> Any:
-    """A copy of the pipeline to send to a worker: the same options, no models built."""
-    twin = copy.copy(pipeline)
-    if isinstance(getattr(twin, "_aligner", None), dict):
-        twin._aligner = {}
-    if hasattr(twin, "_embedder"):
-        twin._embedder = None
-    return twin
-
-
-def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path") -> dict:
-    """Worker side: make sure ``scan``'s surface is in the cache (load + reconstruct + write).
-
-    Returns
-    -------
-    dict
-        ``timings`` (seconds of ``load``/``surface``; empty when the surface
-        was cached), ``intervals`` [(stage, start, end)] in ``time.time()``
-        seconds, ``digests`` (the pipeline's file-hash memo for this scan, so
-        that this process need not hash the file again), ``pid``.
-    """
-    from . import cache as _cache
-    from .stages import _surface_for
-
-    timings: dict[str, float] = {}
-    _surface_for(scan, pipeline, _cache.CacheLayout(cache_root), timings, lambda name: None)
-    end = time.time()
-    intervals = []
-    for stage in reversed([s for s in ("load", "surface") if s in timings]):
-        intervals.append((stage, end - timings[stage], end))
-        end -= timings[stage]
-    memo = getattr(pipeline, "_digests", None)
-    digests = {k: v for k, v in memo.items() if k and k[0] == str(scan.path)} if isinstance(memo, dict) else {}
-    return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid(),
-            "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> "float | None":
-    """This process's peak resident memory (MiB), from ``VmHWM``; None where /proc is missing.
-
-    Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a spawned
-    process would report the peak of the process it was forked from.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _limit_threads(threads: int) -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
-            torch.set_num_interop_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-
-
-def _worker_main(conn: Any, threads: int) -> None:
-    """A streaming worker: ``("setup", pipeline, cache_root)``, then (generation, index, scan) tasks until None.
-
-    Started before the study knows its pipeline, so that its imports overlap
-    with reading the inputs; the pipeline comes as the first message.
-
-    One pipe per worker, not a shared queue: a worker killed while it waits
-    on a shared queue would hold the queue's lock and stall the others.
-    """
-    _limit_threads(threads)
-    from .stages import _surface_for  # noqa: F401 - import the stages now, before the first scan arrives
-
-    pipeline = cache_root = None
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        if task[0] == "setup":
-            _, pipeline, cache_root = task
-            continue
-        gen, idx, scan = task
-        conn.send(("start", gen, idx, os.getpid()))
-        try:
-            out = prefetch_surface(pipeline, scan, cache_root)
-            conn.send(("done", gen, idx, out))
-        except Exception as exc:  # noqa: BLE001 - reported; the main process then does the scan itself
-            first = (str(exc).splitlines() or [""])[0]
-            conn.send(("failed", gen, idx, f"{type(exc).__name__}: {first}"))
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int):
-    """Set the thread-pool variables for processes started inside (spawned children copy os.environ)."""
-    old = {k: os.environ.get(k) for k in _THREAD_ENV}
-    os.environ.update({k: str(threads) for k in _THREAD_ENV})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 
 # --------------------------------------------------------------------------- the streaming executor
@@ -416,8 +242,8 @@ class StreamingExecutor(Executor):
     def _spawn(self) -> None:
         """Start one worker (on the calling thread: the thread-pool variables go through os.environ)."""
         ours, theirs = self._mp.Pipe(duplex=True)
-        p = self._mp.Process(target=_worker_main, name="mriface-surface", args=(theirs, self.threads), daemon=True)
-        with _thread_env(self.threads):
+        p = self._mp.Process(target=worker_main, name="mriface-surface", args=(theirs, self.threads), daemon=True)
+        with thread_env(self.threads):
             p.start()
         theirs.close()
         if self._setup is not None:
