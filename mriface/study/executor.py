@@ -42,11 +42,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ..errors import MRIFaceError
-from .worker import (  # noqa: F401 - busy_summary, peak_rss_mb, prefetch_surface: re-exported
-    busy_summary, log_busy, peak_rss_mb, prefetch_surface, thread_env, worker_copy, worker_main)
+from .worker import (  # noqa: F401 - Executor, busy_summary, peak_rss_mb, prefetch_surface: re-exported
+    Executor, busy_summary, log_busy, peak_rss_mb, prefetch_surface, thread_env, worker_copy, worker_main)
 
 __all__ = ["EXECUTORS", "Executor", "StreamingExecutor", "default_workers", "open_executor", "busy_summary"]
 
@@ -98,49 +98,6 @@ def open_executor(executor: "str | Executor | None" = "auto", workers: "int | No
     from .ray_executor import RayExecutor
 
     return RayExecutor(address=ray_address, num_cpus=workers)
-
-
-# --------------------------------------------------------------------------- the seam
-class Executor:
-    """The sequential executor, and the interface of the others.
-
-    ``RunContext.scans`` asks :meth:`plan` for the function that processes
-    each scan of a list (called in the list's order, with
-    :func:`~mriface.study.stages.process_scan`'s signature). The photograph
-    probes ask :meth:`photo` for each participant's result; :meth:`expect_photos`
-    announces them early so that an executor may align them while it waits.
-    """
-
-    name = "sequential"
-
-    def __init__(self):
-        self.stats: dict[str, Any] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def close(self) -> None:
-        """Stop whatever the executor started; log its busy times."""
-
-    def plan(self, ctx: Any, scans: Sequence[Any], role: str, protocol: Any, *,
-             transform: Any = None) -> Callable[..., Any]:
-        """The function that processes each of ``scans`` (in order), like ``process_scan``."""
-        from .stages import process_scan
-
-        return process_scan
-
-    def expect_photos(self, ctx: Any, items: Iterable[tuple[str, Sequence[Path]]]) -> None:
-        """The participants' photographs that :meth:`photo` will be asked for (a hint)."""
-
-    def photo(self, ctx: Any, participant: str, paths: Sequence[Path]) -> Any:
-        """One participant's :class:`~mriface.study.stages.PhotoResult`."""
-        from .stages import process_photos
-
-        return process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
 
 
 # --------------------------------------------------------------------------- the streaming executor

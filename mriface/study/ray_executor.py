@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MRIFaceError
-from .executor import Executor
-from .worker import busy_summary, log_busy, prefetch_surface, worker_copy
+from .worker import Executor, busy_summary, log_busy, prefetch_surface, worker_copy
 
 __all__ = ["RayExecutor"]
 

@@ -1,5 +1,6 @@
-"""The streaming executor's worker side, and the busy-time bookkeeping every executor logs.
+"""The executors' base class, the streaming worker side, and the busy-time bookkeeping.
 
+:class:`Executor` is the seam (the sequential executor; see :mod:`mriface.study.executor`).
 :func:`prefetch_surface` is what a worker process (or a Ray task) does for
 one scan: make sure its surface is in the study's cache. :func:`busy_summary`
 turns (where, stage, start, end) intervals into per-stage busy seconds and
@@ -14,9 +15,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["busy_summary", "log_busy", "worker_copy", "prefetch_surface", "peak_rss_mb", "worker_main",
+__all__ = ["Executor", "busy_summary", "log_busy", "worker_copy", "prefetch_surface", "peak_rss_mb", "worker_main",
            "thread_env"]
 
 log = logging.getLogger("mriface.study")
@@ -24,6 +25,49 @@ log = logging.getLogger("mriface.study")
 #: Environment variables that size the thread pools of OpenMP, BLAS and friends.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS")
+
+# --------------------------------------------------------------------------- the seam
+class Executor:
+    """The sequential executor, and the interface of the others.
+
+    ``RunContext.scans`` asks :meth:`plan` for the function that processes
+    each scan of a list (called in the list's order, with
+    :func:`~mriface.study.stages.process_scan`'s signature). The photograph
+    probes ask :meth:`photo` for each participant's result; :meth:`expect_photos`
+    announces them early so that an executor may align them while it waits.
+    """
+
+    name = "sequential"
+
+    def __init__(self):
+        self.stats: dict[str, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Stop whatever the executor started; log its busy times."""
+
+    def plan(self, ctx: Any, scans: Sequence[Any], role: str, protocol: Any, *,
+             transform: Any = None) -> Callable[..., Any]:
+        """The function that processes each of ``scans`` (in order), like ``process_scan``."""
+        from .stages import process_scan
+
+        return process_scan
+
+    def expect_photos(self, ctx: Any, items: Iterable[tuple[str, Sequence[Path]]]) -> None:
+        """The participants' photographs that :meth:`photo` will be asked for (a hint)."""
+
+    def photo(self, ctx: Any, participant: str, paths: Sequence[Path]) -> Any:
+        """One participant's :class:`~mriface.study.stages.PhotoResult`."""
+        from .stages import process_photos
+
+        return process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
+
 
 # --------------------------------------------------------------------------- busy time and overlap
 def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
