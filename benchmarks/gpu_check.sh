@@ -5,7 +5,8 @@
 # sample-data folder travelled with the tree:
 #     source .gpu/bootstrap.sh && MRIFACE_DATA=$PWD/.gpudata bash benchmarks/gpu_check.sh [smoke|full]
 # `smoke` runs every GPU test and each benchmark's --small variant on CUDA (a few minutes);
-# `full` runs the GPU tests and the study-size benchmarks; `render` the GPU tests, the gallery and the study. Each step has its own time limit and a
+# `short` the GPU tests, the study's size sequential and streaming, the face models and the adversarial
+# defacing method (one short lease); `full` runs the GPU tests and the study-size benchmarks; `render` the GPU tests, the gallery and the study. Each step has its own time limit and a
 # failing step does not stop the others. JSON results and one log (gpu.log) go to $OUT
 # (or benchmarks/out).
 set -u
@@ -22,8 +23,15 @@ step() {  # step NAME SECONDS CMD...
   timeout "$secs" "$@" 2>&1 | tee -a "$dest/gpu.log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$dest/gpu.log"
 }
-step gpu-tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
-if [ "$mode" = render ]; then  # the renderer's gallery and the study that uses it
+step gpu-tests 80 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+if [ "$mode" = short ]; then  # one short lease (~8 min): study size sequential vs streaming, models, adversarial
+  step study-streaming 140 python3 -m benchmarks.bench_study --device $dev --random-weights --skip-per-scan \
+    --study-heads pycortex --workers "$(nproc)" --json benchmarks/out/study-streaming.json
+  step study-sequential 120 python3 -m benchmarks.bench_study --device $dev --random-weights --skip-per-scan \
+    --study-heads pycortex --workers 1 --json benchmarks/out/study-sequential.json
+  step models 45 python3 -m benchmarks.bench_models --device $dev --random-weights facenet arcface-mbf sface \
+    --repeat 2 --renders 0 --out benchmarks/out/models-gpu.json
+elif [ "$mode" = render ]; then  # the renderer's gallery and the study that uses it
   step render 120 python3 -m benchmarks.bench_render --device $dev --part gallery
   step study 150 python3 -m benchmarks.bench_study --device $dev --random-weights --heads pycortex --study-heads pycortex
 elif [ "$mode" = smoke ]; then
@@ -43,7 +51,7 @@ else
 fi
 # issue 9: the adversarial defacing method on the 2 mm head (FaceNet with random weights: the only model that
 # travels; stand-in face region if the templates did not travel); its per-step time is the figure
-step deface-adversarial 150 python3 -m benchmarks.bench_deface_adversarial --device $dev --model facenet \
+step deface-adversarial 100 python3 -m benchmarks.bench_deface_adversarial --device $dev --model facenet \
   --random-weights --steps 12 --json benchmarks/out/deface-adversarial-gpu.json
 cp benchmarks/out/*.json "$dest/" 2>/dev/null
 ls -la "$dest"
