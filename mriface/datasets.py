@@ -38,7 +38,6 @@ __all__ = [
     "fetch",
     "sample_head",
     "sample_photos",
-    "synthetic_cohort",
 ]
 
 
@@ -342,10 +341,3 @@ def sample_head(name: str, *, download: bool = True) -> Path:
 def sample_photos(*, download: bool = True) -> dict[str, list[Path]]:
     """Sample photographs by person: ``{"obama": [3 paths], "biden": [1 path]}``."""
     return {person: [fetch(k, download=download) for k in keys] for person, keys in PHOTOS.items()}
-
-
-def synthetic_cohort(n: int, *, seed: int = 0, out=None, **kwargs):
-    """Write a synthetic cohort (scans, photographs, manifest); see :func:`mriface.synthetic.synthetic_cohort`."""
-    from .synthetic import synthetic_cohort as _make
-
-    return _make(n, seed=seed, out=out, **kwargs)

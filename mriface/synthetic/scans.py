@@ -1,0 +1,385 @@
+"""Scans: the face grafted onto an average head (voxelized), then "acquired" as MRI or CT."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MRIFaceError
+from .config import _PROTOCOLS, CohortConfig
+from .facemodel import FaceModel, load_face_model
+
+
+# ----------------------------------------------------------------------------- templates
+
+@dataclass(frozen=True, eq=False)
+class _Template:
+    """An average head on a 1 mm axis-aligned world grid, normalised, with its face height field."""
+
+    key: str
+    data: np.ndarray  # (X, Y, Z) float32, soft tissue ~ 1
+    origin: np.ndarray  # world RAS+ of voxel (0, 0, 0); spacing 1 mm
+    level: float  # skin/air iso-level in normalised units
+    front: np.ndarray  # (X, Z) world y of the front-most skin crossing; nan where the column misses the head
+    center: np.ndarray  # world RAS+ centre of the head box
+    lo: np.ndarray  # world box of the head (+ margin)
+    hi: np.ndarray
+    face_scale: float  # mean face -> this head
+    face_offset: np.ndarray  # (3,) mm
+    shell: np.ndarray  # (K, 3) world points on the head's outline, for tight scan boxes
+
+
+def _smoothstep(x, a, b):
+    t = np.clip((np.asarray(x, np.float64) - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+@functools.lru_cache(maxsize=4)
+def _template(key: str) -> _Template:
+    from scipy import ndimage
+
+    from .. import datasets
+    from ..surface import estimate_threshold
+    from ..volume import load_volume
+
+    vol = load_volume(datasets.fetch(key))
+    est = estimate_threshold(vol)
+    data = (vol.data - est.air) / max(est.skin - est.air, 1e-6)  # air 0, soft tissue under the skin 1
+    inv = np.linalg.inv(vol.affine)
+    # world box of the volume -> 1 mm axis-aligned grid
+    corners = np.array([[i, j, k, 1] for i in (0, vol.shape[0] - 1) for j in (0, vol.shape[1] - 1)
+                        for k in (0, vol.shape[2] - 1)], np.float64) @ vol.affine.T
+    lo, hi = np.floor(corners[:, :3].min(0)), np.ceil(corners[:, :3].max(0))
+    # room for a face larger than the template's (pydeface's field of view cuts its nose and chin)
+    lo -= np.array([0.0, 0.0, 20.0])
+    hi += np.array([0.0, 30.0, 0.0])
+    fov_front = float(corners[:, 1].max()) - 1.5  # skin at or beyond this is the field of view's edge
+    shape = tuple(int(s) for s in hi - lo + 1)
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    idx = (g + lo.astype(np.float32)) @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)
+    grid = ndimage.map_coordinates(data.astype(np.float32), idx.T, order=1, mode="constant", cval=0.0)
+    grid = grid.reshape(shape).astype(np.float32)
+    del g, idx
+    level = 0.4  # a little under half the skin level: blurred average noses still count as skin
+    mask = ndimage.binary_opening(grid > level, iterations=2)
+    lab, nlab = ndimage.label(mask)
+    if nlab > 1:
+        sizes = ndimage.sum(mask, lab, range(1, nlab + 1))
+        mask = lab == (1 + int(np.argmax(sizes)))
+    # front-most skin crossing along +y per (x, z) column, sub-voxel by linear interpolation
+    any_y = mask.any(axis=1)
+    jy = shape[1] - 1 - np.argmax(mask[:, ::-1, :], axis=1)  # last inside voxel along y
+    ix, iz = np.nonzero(any_y)
+    j = jy[ix, iz]
+    j1 = np.minimum(j + 1, shape[1] - 1)
+    a, b = grid[ix, j, iz], grid[ix, j1, iz]
+    frac = np.clip((a - level) / np.maximum(a - b, 1e-6), 0, 1)
+    front = np.full((shape[0], shape[2]), np.nan)
+    front[ix, iz] = lo[1] + j + frac
+    cut = front >= fov_front  # not the skin: where the template's field of view cut the face
+    nz = np.nonzero(mask)
+    edge = mask & ~ndimage.binary_erosion(mask)
+    shell = np.argwhere(edge)[::7].astype(np.float64) + lo
+    blo = np.array([n.min() for n in nz], np.float64) + lo - 10
+    bhi = np.array([n.max() for n in nz], np.float64) + lo + 10
+    t = _Template(key, grid, lo, level, np.where(cut, np.nan, front), (blo + bhi) / 2, blo, bhi, 1.0, np.zeros(3), shell)
+    s, off = _fit_face(t)
+    return _Template(key, grid, lo, level, front, (blo + bhi) / 2, blo, bhi, s, off, shell)
+
+
+def _face_heightfield(verts: np.ndarray, faces: np.ndarray, t: _Template):
+    """Front-most face surface along -y on the template's (x, z) grid: (X, Z) y (nan = miss) and normal y."""
+    from ..render.backends.embree import build_bvh
+
+    bvh = build_bvh(verts.astype(np.float32), faces)
+    x0, x1 = verts[:, 0].min(), verts[:, 0].max()
+    z0, z1 = verts[:, 2].min(), verts[:, 2].max()
+    nx, nz = t.front.shape
+    i0, i1 = max(int(x0 - t.origin[0]), 0), min(int(x1 - t.origin[0]) + 2, nx)
+    k0, k1 = max(int(z0 - t.origin[2]), 0), min(int(z1 - t.origin[2]) + 2, nz)
+    ii, kk = np.meshgrid(np.arange(i0, i1), np.arange(k0, k1), indexing="ij")
+    ystart = float(verts[:, 1].max()) + 10.0
+    org = np.stack([ii + t.origin[0], np.full(ii.shape, ystart), kk + t.origin[2]], -1).reshape(-1, 3)
+    dirs = np.tile(np.array([[0.0, -1.0, 0.0]], np.float32), (org.shape[0], 1))
+    fid, _, _, dist = bvh.intersect(org.astype(np.float32), dirs, threads=1)
+    y = np.full(t.front.shape, np.nan)
+    ny = np.zeros(t.front.shape)
+    hit = fid >= 0
+    yy = np.full(org.shape[0], np.nan)
+    yy[hit] = ystart - dist[hit]
+    tri = verts[faces[fid[hit]]]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    nyy = np.zeros(org.shape[0])
+    nyy[hit] = n[:, 1]
+    back = np.zeros(org.shape[0], bool)
+    back[hit] = n[:, 1] <= 0  # through a fold under the nose: not the front skin
+    yy[back] = np.nan
+    yb = yy.reshape(ii.shape)
+    # fill pin holes (folds, gaps) from the nearest hit inside the face's outline
+    from scipy import ndimage
+
+    fin = np.isfinite(yb)
+    holes = ~fin & ndimage.binary_closing(fin, iterations=3)
+    if holes.any():
+        _, (a, b) = ndimage.distance_transform_edt(~fin, return_indices=True)
+        yb = np.where(holes, yb[a, b], yb)
+        nb = nyy.reshape(ii.shape)
+        nyy = np.where(holes, nb[a, b], nb)
+    y[i0:i1, k0:k1] = yb
+    ny[i0:i1, k0:k1] = np.clip(nyy.reshape(ii.shape), 0, 1)
+    return y, ny
+
+
+def _fit_face(t: _Template):
+    """Scale and offset that lay the model's mean face onto the template's face.
+
+    The same set of mid-face vertices (between chin and brows, in front of
+    the eyes' outer corners, facing forward) is compared at every scale, so
+    the fit has no bias towards small faces: minimise the mean absolute depth
+    difference to the template's front skin (offset in depth = the median).
+    """
+    from scipy import ndimage
+
+    m = load_face_model()
+    lm = m.landmarks
+    tipm = m.mean[lm[30]]
+    mean = m.mean - tipm  # nose tip at the origin
+    tri = mean[m.faces]
+    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    vn = np.zeros_like(mean)
+    for k in range(3):
+        np.add.at(vn, m.faces[:, k], fn)
+    vn /= np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
+    half = abs(mean[lm[45], 0] - mean[lm[36], 0]) / 2
+    sel = ((vn[:, 1] > 0.6) & (mean[:, 2] > mean[lm[8], 2] + 5) & (mean[:, 2] < mean[lm[19], 2] + 10)
+           & (np.abs(mean[:, 0]) < half))
+    v = mean[sel][::4]
+    front = t.front
+    valid = np.isfinite(front).astype(np.float32)
+    f0 = np.nan_to_num(front).astype(np.float32)
+    # the head's midline: the median over heights of the middle of the skin's (x, z) silhouette
+    fin = np.isfinite(front)
+    rows = [np.nonzero(fin[:, k])[0] for k in range(front.shape[1]) if fin[:, k].sum() > 20]
+    x0 = t.origin[0] + float(np.median([(r.min() + r.max()) / 2 for r in rows]))
+    best = (np.inf, 1.0, np.zeros(3))
+    for s in np.arange(0.9, 1.205, 0.02):
+        for zt in np.arange(t.center[2] - 90.0, t.center[2] + 30.5, 1.0):
+            off = np.array([x0, 0.0, zt])
+            p = s * v + off
+            idx = np.stack([p[:, 0] - t.origin[0], p[:, 2] - t.origin[2]])
+            ok = ndimage.map_coordinates(valid, idx, order=0, cval=0.0) > 0.5
+            if ok.mean() < 0.6:
+                continue
+            fy = ndimage.map_coordinates(f0, idx[:, ok], order=1)
+            diff = p[ok, 1] - fy
+            dy = float(np.median(diff))
+            cost = float(np.mean(np.abs(diff - dy)))
+            if cost < best[0]:
+                best = (cost, float(s), off - np.array([0.0, dy, 0.0]))
+    if not np.isfinite(best[0]):
+        raise MRIFaceError(f"synthetic cohort: cannot lay the face model onto template {t.key}")
+    # as a scale about the model's own origin: v = s * m.mean + offset
+    return best[1], best[2] - best[1] * tipm
+
+
+# ----------------------------------------------------------------------------- one participant
+
+def _rng(seed: int, i: int, stream: int) -> np.random.Generator:
+    """Participant ``i``'s random stream ``stream`` (0 identity, 1 session 1, 2 session 2, 3 photos)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy=int(seed), spawn_key=(int(i), int(stream)))))
+
+
+def _rotation(pitch, roll, yaw) -> np.ndarray:
+    """Rotation (degrees) about x (pitch, nodding), y (roll) and z (yaw), world RAS+."""
+    a, b, c = (math.radians(v) for v in (pitch, roll, yaw))
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _identity(model: FaceModel, cfg: CohortConfig, seed: int, i: int) -> dict:
+    rng = _rng(seed, i, 0)
+    k = model.identity.shape[0]
+    alpha = np.clip(rng.standard_normal(k), -3, 3) * cfg.identity_sd
+    return {
+        "alpha": alpha,
+        "template": cfg.templates[int(rng.integers(len(cfg.templates)))],
+        "head_scale": rng.uniform(*cfg.head_scale, size=3),
+        "skin_albedo": _skin(rng),
+        "lip_tint": rng.uniform(0.8, 1.1),
+        "brow_albedo": np.array([0.04, 0.03, 0.02]) * rng.uniform(0.6, 4.0),
+        "iris_albedo": np.array([[0.10, 0.05, 0.02], [0.05, 0.09, 0.14], [0.06, 0.08, 0.04]])[int(rng.integers(3))]
+        * rng.uniform(0.6, 1.6),
+    }
+
+
+def _skin(rng) -> np.ndarray:
+    """Linear-RGB skin albedo from light to dark (a lightness draw and a small hue draw)."""
+    light = rng.uniform(0.0, 1.0)
+    dark = np.array([0.16, 0.09, 0.06])
+    pale = np.array([0.70, 0.48, 0.38])
+    base = dark + (pale - dark) * light ** 0.7
+    return np.clip(base * rng.uniform(0.92, 1.08, size=3), 0.02, 0.95)
+
+
+def _face_in_head(model: FaceModel, t: _Template, ident: dict) -> np.ndarray:
+    """The participant's neutral face (V, 3) in the template's world space."""
+    return t.face_scale * model.shape(ident["alpha"]) + t.face_offset
+
+
+def _graft(t: _Template, face: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """The template head with its face replaced by ``face``: a 1 mm grid like ``t.data``.
+
+    Each (x, z) column in front of the face is displaced along y so that the
+    front-most skin moves from the template's face to the model's; the
+    displacement is full up to 20 mm under the skin and fades out by 50 mm
+    (the brain stays put), and fades to zero at the face border (distance to
+    the border of the face and the slant of the model's surface), so the
+    new face blends into the head.
+    """
+    from scipy import ndimage
+
+    y, ny = _face_heightfield(face, faces, t)
+    both = np.isfinite(y) & np.isfinite(t.front)
+    inner = ndimage.distance_transform_edt(both)  # mm to the face border
+    w = _smoothstep(inner, 2.0, 14.0) * _smoothstep(ny, 0.2, 0.55)
+    w = ndimage.gaussian_filter(w, 1.5) * both
+    d = np.where(both, (np.nan_to_num(y) - np.nan_to_num(t.front)) * w, 0.0)
+    # single-column spikes (a crease of the lips, a speck of the template's mask) would become streaks
+    d = ndimage.gaussian_filter(ndimage.median_filter(d, size=5), 0.7) * np.isfinite(t.front)
+    cols = np.nonzero(np.abs(d) > 0.02)
+    out = t.data.copy()
+    if cols[0].size == 0:
+        return out
+    ymax = int(np.ceil(np.nanmax(t.front[cols] + np.maximum(d[cols], 0)) - t.origin[1])) + 3
+    ymin = int(np.floor(np.nanmin(t.front[cols]) - t.origin[1])) - 52
+    ymin, ymax = max(ymin, 0), min(ymax, out.shape[1] - 1)
+    jj = np.arange(ymin, ymax + 1, dtype=np.float64)
+    ix, iz = cols
+    yw = jj[None, :] + t.origin[1]  # world y of the slab voxels
+    depth = t.front[ix, iz][:, None] - yw  # mm under the template's skin
+    g = 1.0 - _smoothstep(depth, 20.0, 50.0)
+    src = jj[None, :] - d[ix, iz][:, None] * g
+    coords = np.stack([np.broadcast_to(ix[:, None], src.shape), src, np.broadcast_to(iz[:, None], src.shape)]).reshape(3, -1)
+    vals = ndimage.map_coordinates(t.data, coords, order=1, mode="nearest").reshape(src.shape)
+    # Where the face is grafted, the new skin is exactly the model's surface: air in front of it,
+    # a partial-volume edge (erf, ~0.7 mm) and at least skin-bright tissue for 6 mm under it. The
+    # shifted template alone would keep faint template tissue (a blurred average nose or lips
+    # below the mask's level) in front of the new face.
+    from scipy.special import erf
+
+    wc = np.clip(w[ix, iz], 0.0, 1.0)[:, None]
+    under = (t.front[ix, iz] + d[ix, iz])[:, None] - yw  # mm under the new skin
+    edge = 0.5 * (1.0 + erf(under / 0.7))
+    skin = np.where(under < 6.0, np.maximum(vals, 1.0), vals)
+    vals = wc * edge * skin + (1.0 - wc) * vals
+    out[ix[:, None], jj.astype(np.int64)[None, :], iz[:, None]] = vals
+    return out
+
+
+def _session(rng: np.random.Generator, cfg: CohortConfig) -> dict:
+    w = np.asarray(cfg.protocol_weights, np.float64)
+    proto = cfg.protocols[int(rng.choice(len(w), p=w / w.sum()))]
+    tilt = rng.uniform(*cfg.tilt_deg)
+    return {
+        "protocol": proto,
+        "pitch_deg": tilt,
+        "roll_deg": rng.uniform(*cfg.tilt_deg) / 2,
+        "yaw_deg": rng.uniform(*cfg.tilt_deg) / 2,
+        "shift_mm": rng.uniform(-8, 8, size=3),
+        "noise": rng.uniform(*cfg.noise),
+        "bias": rng.uniform(*cfg.bias),
+        "bias_dir": rng.standard_normal((3, 3)),
+        "gamma": rng.uniform(0.8, 1.25),
+        "gain": rng.uniform(150.0, 600.0),
+        "noise_seed": int(rng.integers(2**31)),
+    }
+
+
+_AXES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def _acquire(t: _Template, head: np.ndarray, face: np.ndarray, ident: dict, ses: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the grafted head as a scanner would: (int16 data (X, Y, Z), 4x4 voxel -> world RAS+ mm affine).
+
+    The field of view is the head's box (+8 mm) along the protocol's voxel
+    axes; voxels thicker than 1.5 mm average 1 mm sub-samples through their
+    thickness (partial volume across the slice).
+    """
+    from scipy import ndimage
+
+    zooms, codes, oblique, modality = _PROTOCOLS[ses["protocol"]]
+    rot = _rotation(ses["pitch_deg"], ses["roll_deg"], ses["yaw_deg"])
+    scale = np.asarray(ident["head_scale"], np.float64)
+    c = t.center
+    fwd = rot * scale[None, :]  # head space -> world: p = fwd @ (q - c) + c + shift
+    shift = np.asarray(ses["shift_mm"], np.float64)
+    cos = np.zeros((3, 3))  # voxel axis directions (columns) from the axis codes
+    for k, ch in enumerate(codes):
+        ax, sgn = _AXES[ch]
+        cos[ax, k] = sgn
+    if oblique:
+        cos = rot @ cos  # slices planned along the tilted head
+    pts = np.concatenate([t.shell, face[::25]])
+    local = ((pts - c) @ fwd.T + c + shift) @ cos  # coordinates along each voxel axis
+    z = np.asarray(zooms, np.float64)
+    lo = np.floor((local.min(0) - 8.0) / z) * z
+    shape = tuple(int(s) for s in np.ceil((local.max(0) + 8.0 - lo) / z) + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = cos * z[None, :]
+    affine[:3, 3] = cos @ lo
+    # output voxel -> world -> head space -> template grid index, one affine map
+    inv_fwd = np.linalg.inv(fwd)
+    mat = inv_fwd @ affine[:3, :3]
+    off0 = inv_fwd @ (affine[:3, 3] - c - shift) + c - t.origin
+    sub = [max(1, int(round(zz))) if zz > 1.5 else 1 for zz in z]
+    out = np.zeros(shape, np.float32)
+    for o in np.stack(np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in sub], indexing="ij"), -1).reshape(-1, 3):
+        out += ndimage.affine_transform(head, mat, offset=off0 + mat @ o, output_shape=shape, order=1,
+                                        mode="constant", cval=0.0, output=np.float32)
+    if np.prod(sub) > 1:
+        out /= float(np.prod(sub))
+    rng = np.random.default_rng(ses["noise_seed"])
+    if modality == "ct":
+        # Hounsfield-like: air -1000, soft tissue ~ +40 (no bone model); partial volume is linear in between
+        hu = -1000.0 + 1040.0 * np.clip(out, 0.0, 1.3)
+        hu += rng.standard_normal(shape, dtype=np.float32) * np.float32(ses["noise"] * 1000.0)
+        return np.clip(np.round(hu), -1024, 3071).astype(np.int16), affine
+    # MR: gamma contrast, smooth multiplicative bias field (quadratic), Rician noise
+    sig = np.clip(out, 0.0, None) ** np.float32(ses["gamma"])
+    xyz = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+    bd = np.asarray(ses["bias_dir"], np.float32)
+    f = (bd[0, 0] * xyz[0] + bd[1, 0] * xyz[0] ** 2)[:, None, None] \
+        + (bd[0, 1] * xyz[1] + bd[1, 1] * xyz[1] ** 2)[None, :, None] \
+        + (bd[0, 2] * xyz[2] + bd[1, 2] * xyz[2] ** 2)[None, None, :]
+    f *= np.float32(0.5 * ses["bias"] / max(float(np.abs(f).max()), 1e-6))
+    sig *= np.exp(f)
+    sd = np.float32(ses["noise"])
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n1 *= sd
+    sig += n1
+    np.square(sig, out=sig)
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n1 *= sd
+    np.square(n1, out=n1)
+    sig += n1
+    np.sqrt(sig, out=sig)
+    sig *= np.float32(ses["gain"])
+    return np.clip(np.round(sig), 0, 32767).astype(np.int16), affine
+
+
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """A .nii.gz as bytes, deterministic (gzip header time 0, no file name)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
