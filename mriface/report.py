@@ -133,6 +133,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish_rank_axes(fig, ax, path: Path, *, ylabel: str, title: str) -> Path:
+    """Label a CMC plot's rank axis, add grid and legend, and save it (shared by the CMC figures)."""
+    ax.set_xlabel("rank")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_cmc(cmc: np.ndarray, path: "str | Path", *, n: "int | None" = None,
              published: bool = True) -> Path:
     """Draw the cumulative match characteristic as a PNG.
@@ -163,13 +174,8 @@ def plot_cmc(cmc: np.ndarray, path: "str | Path", *, n: "int | None" = None,
             ax.plot([1, 5], [100 * p["rank1"] / p["n"], 100 * p["top5"] / p["n"]], "o", color="0.4",
                     label=f"Schwarz 2019 (n = {p['n']})")
         ax.set_ylim(0, 102)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("true subject within rank (%)")
-        ax.set_title("Cumulative match characteristic")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        return _save(fig, Path(path))
+        return _finish_rank_axes(fig, ax, Path(path), ylabel="true subject within rank (%)",
+                                 title="Cumulative match characteristic")
     finally:
         plt.close(fig)
 

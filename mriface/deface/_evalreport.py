@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .._io import write_text_atomic
-from ..report import Rate, _pyplot, _save, md_text
+from ..report import Rate, _finish_rank_axes, _pyplot, md_text
 
 __all__ = ["write_eval_report", "plot_cmc_methods", "display_rows"]
 
@@ -36,13 +36,7 @@ def plot_cmc_methods(cmcs: Mapping[str, np.ndarray], path: "str | Path", *, titl
                     ls="-" if i < 10 else "--")
         ax.set_xlim(0.5, top + 0.5)
         ax.set_ylim(-2, 102)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("own scan within rank (%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        return _save(fig, Path(path))
+        return _finish_rank_axes(fig, ax, Path(path), ylabel="own scan within rank (%)", title=title)
     finally:
         plt.close(fig)
 
