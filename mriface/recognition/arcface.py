@@ -23,10 +23,6 @@ model is first created in a process; it is also the embedder's ``licence``.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from ..datasets import INSIGHTFACE_NOTICE
 from .models import ARCFACE_CROP, CropSpec, register_model
 from .onnx_embed import OnnxEmbedder
@@ -68,10 +64,8 @@ class ArcFaceEmbedder(OnnxEmbedder):
     env_var = "MRIFACE_ARCFACE_WEIGHTS"
 
 
-def create(*, device: "str | torch.device" = "auto", weights: "str | os.PathLike[str] | None" = None,
-           random_weights: bool = False, **kw: object) -> ArcFaceEmbedder:
-    """Registry factory of ``"arcface-mbf"`` (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``)."""
-    return ArcFaceEmbedder(weights, device=device, random_weights=random_weights, **kw)
+#: registry factory of ``"arcface-mbf"`` (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``)
+create = ArcFaceEmbedder.factory
 
 
 register_model("arcface-mbf", create)

@@ -122,6 +122,15 @@ class OnnxEmbedder:
         self._layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = model.requires_grad_(False).to(self.device, dtype).to(memory_format=self._layout)
 
+    @classmethod
+    def factory(cls, *, device: "str | torch.device" = "auto", weights: "str | os.PathLike[str] | None" = None,
+                random_weights: bool = False, **kw: object) -> "OnnxEmbedder":
+        """Registry factory of a subclass's model (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``).
+
+        A plug-in registers it as ``register_model(name, MyEmbedder.factory)``.
+        """
+        return cls(weights, device=device, random_weights=random_weights, **kw)
+
     # ------------------------------------------------------------------ weights
     def _resolve(self, weights: object, download: bool) -> "tuple[Path, bool]":
         """(path, is the pinned default): argument, then environment variable, then the cache."""

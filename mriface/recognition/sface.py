@@ -16,10 +16,6 @@ L2-normalised here.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from .models import CropSpec, register_model
 from .onnx_embed import OnnxEmbedder
 
@@ -59,10 +55,8 @@ class SFaceEmbedder(OnnxEmbedder):
     env_var = "MRIFACE_SFACE_WEIGHTS"
 
 
-def create(*, device: "str | torch.device" = "auto", weights: "str | os.PathLike[str] | None" = None,
-           random_weights: bool = False, **kw: object) -> SFaceEmbedder:
-    """Registry factory of ``"sface"`` (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``)."""
-    return SFaceEmbedder(weights, device=device, random_weights=random_weights, **kw)
+#: registry factory of ``"sface"`` (``kw``: ``dtype``, ``batch_size``, ``seed``, ``download``)
+create = SFaceEmbedder.factory
 
 
 register_model("sface", create)
