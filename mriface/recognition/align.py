@@ -137,6 +137,18 @@ class Alignment:
 
 
 # ----------------------------------------------------------------------------- geometry
+def _embed_found(embedder, alignment: Alignment) -> torch.Tensor:
+    """(N, dim) float32 embeddings of an alignment's crops for ``embedder.crop``; NaN rows where no face.
+
+    The :class:`Alignment` branch of the built-in embedders' ``embed``: only images with a face are embedded.
+    """
+    out = torch.full((len(alignment), embedder.dim), float("nan"), dtype=torch.float32)
+    rows = torch.nonzero(alignment.found).flatten()
+    if len(rows):
+        out[rows] = embedder.embed(alignment.crop_for(embedder.crop)[rows])
+    return out
+
+
 def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity transforms (rotation, uniform scale, shift) taking ``src`` onto ``dst``.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataUnavailableError, MRIFaceError, WeightsError
-from .align import Alignment
+from .align import Alignment, _embed_found
 from .models import CropSpec, embedder_settings
 from .onnx_graph import OnnxModule, parse_onnx
 from .weightfile import read_weights_file
@@ -221,11 +221,7 @@ class OnnxEmbedder:
             (N, dim) float32 on the CPU, unit L2 norm per row.
         """
         if isinstance(crops, Alignment):
-            out = torch.full((len(crops), self.dim), float("nan"), dtype=torch.float32)
-            rows = torch.nonzero(crops.found).flatten()
-            if len(rows):
-                out[rows] = self.embed(crops.crop_for(self.crop)[rows])
-            return out
+            return _embed_found(self, crops)
         self._check(crops)
         parts = [self.embed_differentiable(crops[i:i + self.batch_size]).cpu()
                  for i in range(0, crops.shape[0], self.batch_size)]

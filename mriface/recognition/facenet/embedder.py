@@ -9,7 +9,7 @@ import os
 import torch
 
 from ...errors import MRIFaceError
-from ..align import Alignment
+from ..align import Alignment, _embed_found
 from ..models import FACENET_CROP, CropSpec, embedder_settings
 from .weights import load_network
 
@@ -145,11 +145,7 @@ class FaceNetEmbedder:
             (N, 512) float32 on the CPU, unit L2 norm per row.
         """
         if isinstance(crops, Alignment):
-            out = torch.full((len(crops), self.dim), float("nan"), dtype=torch.float32)
-            rows = torch.nonzero(crops.found).flatten()
-            if len(rows):
-                out[rows] = self.embed(crops.crop_for(self.crop)[rows])
-            return out
+            return _embed_found(self, crops)
         s = self.crop.size
         if not isinstance(crops, torch.Tensor) or crops.ndim != 4 or crops.shape[1] != 3:
             shape = tuple(crops.shape) if isinstance(crops, torch.Tensor) else type(crops).__name__
