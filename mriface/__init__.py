@@ -25,6 +25,7 @@ from .errors import (
     VolumeError,
     WeightsError,
 )
+from .errors import __all__ as _ERROR_NAMES
 
 __version__ = "0.1.0"
 
@@ -49,15 +50,7 @@ _LAZY = {
 
 __all__ = [
     "__version__",
-    "MRIFaceError",
-    "InputFileError",
-    "VolumeError",
-    "SurfaceError",
-    "DataUnavailableError",
-    "WeightsError",
-    "BackendError",
-    "ManifestError",
-    "TransformError",
+    *_ERROR_NAMES,  # errors.__all__: the error classes, imported eagerly above
     *_LAZY,
 ]
 
