@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import doctest
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from mriface.recognition import (
 )
 from mriface.recognition.align import _warp_arcface, similarity_transform
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = torch.tensor(models.ARCFACE_TEMPLATE, dtype=torch.float64)
 
 
@@ -265,8 +262,3 @@ def test_random_weights_are_reproducible_and_leave_the_global_generator_alone():
     assert torch.equal(a.model.last_linear.weight, b.model.last_linear.weight)
 
 
-# ------------------------------------------------------------------ docs
-def test_recognition_docs_examples_run():
-    result = doctest.testfile(str(ROOT / "docs" / "recognition.md"), module_relative=False,
-                              optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 4 and result.failed == 0
