@@ -159,6 +159,7 @@ def test_deface_file_keeps_header_and_unchanged_voxels_and_refuses_overwrite(pha
     assert info["voxels_changed_inside_brain_mask"] == 0
     side = json.loads((dest.parent / "sub-01_T1w_defaced.json").read_text())
     assert side["method"] == "mask" and side["InputSHA256"] and side["TemplateFiles"]
+    assert side["Sources"] == [src.name]  # sidecars travel with shared data: no absolute path
     # the brain-protection mask, on the file's grid, is bit-for-bit the input
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -88,8 +89,12 @@ def test_problems_recorded_and_outputs_written(evaluation):
     for name in ("deface_eval.csv", "deface_eval.json", "problems.csv", "report.md", "report.html",
                  "cmc.png", "cmc_photos.png", "studies/mask/scan-to-scan/summary.json"):
         assert (out / name).is_file(), name
-    summary = json.loads((out / "deface_eval.json").read_text())
+    text = (out / "deface_eval.json").read_text()
+    summary = json.loads(text)
     assert [r["method"] for r in summary["rows"]] == ["original", "mask", "plane", "ext"]
+    # shareable like a study's summary: no absolute path (problems.csv, private, keeps them)
+    assert str(out.parent) not in text and str(Path.home()) not in text
+    assert any(str(out.parent) in line for line in (out / "problems.csv").read_text().splitlines())
     assert summary["published"][0]["before"] == "97% matched"
     report = (out / "report.md").read_text()
     assert "Schwarz" in report and "| mask |" in report

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .._io import child_path, jsonable, safe_component, write_csv_atomic, write_text_atomic
+from .._io import PathPolicy, child_path, jsonable, safe_component, write_csv_atomic, write_text_atomic
 from ..errors import MRIFaceError
 from .core import AlreadyDefacedError, DefaceError, RegistrationError, UnsupportedScanError
 
@@ -437,10 +437,16 @@ def evaluate_methods(source: "str | os.PathLike[str] | Any", *, out: "str | os.P
     table = pd.DataFrame(rows)
     from ._evalreport import write_eval_report
 
+    # deface_eval.json is shareable like a study's summary: paths by the study's one policy
+    # (docs/privacy.md); problems.csv keeps the full paths and is private.
+    from ..study.progress import input_roots
+
+    paths = PathPolicy(input_roots(inputs, photos), {out: "<out>"})
     summary = {
-        "mriface": __version__, "source": str(inputs.source), "rows": jsonable(rows), "per_scan": jsonable(per_scan),
-        "problems": [{"kind": p.kind, "where": p.where, "subject": p.subject, "message": p.message}
-                     for p in problems],
+        "mriface": __version__, "source": paths.path(inputs.source), "rows": jsonable(rows),
+        "per_scan": jsonable(per_scan),
+        "problems": [{"kind": p.kind, "where": paths.text(p.where), "subject": p.subject,
+                      "message": paths.text(p.message)} for p in problems],
         "published": PUBLISHED_DEFACING,
         "definitions": {
             "rank1/top5": "scan-to-scan: the defaced scan's renders (probe protocol) ranked against the original "
@@ -455,8 +461,8 @@ def evaluate_methods(source: "str | os.PathLike[str] | Any", *, out: "str | os.P
                                 "wall clock, mean over scans; outside tools: not known",
             "face_left_intact": f"defaced scans with < {100 * INTACT_SHARE:g}% of the face region changed",
         },
-        "options": {"methods": methods, "defaced": {k: str(v) for k, v in outside.items()},
-                    "photos": str(photos) if photos else None, "model": pipe.model, "views": views, "size": size,
+        "options": {"methods": methods, "defaced": {k: paths.path(Path(v).resolve()) for k, v in outside.items()},
+                    "photos": paths.path(Path(photos).resolve()) if photos else None, "model": pipe.model, "views": views, "size": size,
                     "seed": seed, "device": str(pipe.device), "backend": pipe.backend,
                     "method_options": jsonable(opts), "margin_mm": margin_mm, "template": template,
                     "random_weights": bool(random_weights), "include_images": bool(include_images)},
@@ -466,7 +472,7 @@ def evaluate_methods(source: "str | os.PathLike[str] | Any", *, out: "str | os.P
                     "cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
     files = {"table": write_csv_atomic(table, out / "deface_eval.csv"),
-             "problems": write_csv_atomic(pd.DataFrame(summary["problems"],
+             "problems": write_csv_atomic(pd.DataFrame([(p.kind, p.where, p.subject, p.message) for p in problems],
                                                        columns=["kind", "where", "subject", "message"]),
                                           out / "problems.csv")}
     files.update(write_eval_report(out, table, cmcs, photo_cmcs, summary, images, n_gallery=len(inputs.gallery)))

@@ -36,6 +36,13 @@ def defaced_name(path: "str | os.PathLike[str]") -> str:
     return f"{stem}_defaced.nii.gz"
 
 
+def _source_name(src: Path, dest: Path) -> str:
+    """The input as the sidecar names it: relative to the output's folder when it lies
+    under it, else its file name only (sidecars travel with shared data: no absolute path)."""
+    src, folder = src.resolve(), dest.resolve().parent
+    return src.relative_to(folder).as_posix() if folder in src.parents else src.name
+
+
 def _sidecar_path(dest: Path) -> Path:
     return dest.with_name(re.sub(r"\.nii(\.gz)?$", "", dest.name) + ".json")
 
@@ -137,7 +144,7 @@ def deface_file(src: "str | os.PathLike[str]", dest: "str | os.PathLike[str] | N
     write_defaced(result, src, dest)
     info = {
         "Description": f"Defaced with mriface.deface method '{result.method}'",
-        "Sources": [str(src.resolve())],
+        "Sources": [_source_name(src, dest)],
         "GeneratedBy": [{"Name": "mriface", "Version": __version__, "Method": result.method}],
         "InputSHA256": sha256_file(src),
         "OutputSHA256": sha256_file(dest),
