@@ -81,6 +81,11 @@ class HeadPhantom:
         return _ellipsoid(q, *_SINUS) < 0
 
 
+def voxel_of(volume: Volume, point) -> tuple:
+    """(i, j, k) index of the voxel nearest a world point (RAS+ mm)."""
+    return tuple(np.round(np.linalg.inv(volume.affine) @ np.append(point, 1.0))[:3].astype(int))
+
+
 def rotation_about(axis: int, degrees: float) -> np.ndarray:
     """(3, 3) right-handed rotation by ``degrees`` about world axis 0 (x), 1 (y) or 2 (z)."""
     t = np.deg2rad(degrees)

@@ -23,13 +23,9 @@ from mriface.deface import (
 )
 from mriface.deface.io import deface_batch, deface_file, defaced_name
 from mriface.volume import Volume, load_volume
-from tests.phantoms import head_phantom
+from tests.phantoms import head_phantom, voxel_of
 
 METHODS = ["mask", "plane", "blur", "reface"]
-
-
-def _ijk(vol: Volume, p) -> tuple:
-    return tuple(np.round(np.linalg.inv(vol.affine) @ np.append(p, 1.0))[:3].astype(int))
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +63,9 @@ def test_template_brain_mask_is_a_brain_clear_of_the_scalp():
 
 def test_registration_lands_face_and_brain_on_the_phantom(phantom, context):
     assert context.registration.overlap > 0.9
-    assert context.face[_ijk(phantom, [0, 100, -18])]  # nose tip
-    assert context.face[_ijk(phantom, [0, 80, -80])]  # chin
-    assert context.brain[_ijk(phantom, [0, -10, 30])]  # middle of the head
+    assert context.face[voxel_of(phantom, [0, 100, -18])]  # nose tip
+    assert context.face[voxel_of(phantom, [0, 80, -80])]  # chin
+    assert context.brain[voxel_of(phantom, [0, -10, 30])]  # middle of the head
     assert not (context.face & context.brain).any()
 
 
@@ -78,7 +74,7 @@ def test_method_changes_face_and_keeps_brain_byte_identical(phantom, context, me
     before = phantom.data.copy()
     r = run_method(method, phantom, context=context)
     assert np.array_equal(phantom.data, before)  # input untouched
-    nose, chin = _ijk(phantom, [0, 100, -18]), _ijk(phantom, [0, 80, -80])
+    nose, chin = voxel_of(phantom, [0, 100, -18]), voxel_of(phantom, [0, 80, -80])
     assert abs(r.volume.data[nose] - before[nose]) > 0.3
     assert abs(r.volume.data[chin] - before[chin]) > 0.2
     brain = r.brain_mask
@@ -88,7 +84,7 @@ def test_method_changes_face_and_keeps_brain_byte_identical(phantom, context, me
     assert r.changed_outside_brain == int((r.volume.data != before).sum()) > 1000
     assert r.face_mask[nose]
     # the back of the head is not the face
-    assert r.volume.data[_ijk(phantom, [0, -90, 0])] == before[_ijk(phantom, [0, -90, 0])]
+    assert r.volume.data[voxel_of(phantom, [0, -90, 0])] == before[voxel_of(phantom, [0, -90, 0])]
     s = r.summary()
     assert s["voxels_changed_inside_brain_mask"] == 0 and s["method"] == method
     json.dumps(s)

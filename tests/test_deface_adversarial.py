@@ -12,7 +12,7 @@ from mriface.deface import available_methods, prepare, run_method
 from mriface.deface.adversarial import warp_volume_near_skin
 from mriface.recognition import ARCFACE_CROP, register_model
 from mriface.volume import Volume
-from tests.phantoms import head_phantom
+from tests.phantoms import head_phantom, voxel_of
 
 
 class ToyFaceModel(torch.nn.Module):
@@ -50,10 +50,6 @@ register_model("toy-adversarial", lambda **kw: ToyFaceModel(), replace=True)
 
 FAST = dict(model="toy-adversarial", steps=4, views=2, batch_views=2, image_size=96, device="cpu", lr=0.5,
             target_faces=20000)
-
-
-def _ijk(vol: Volume, p) -> tuple:
-    return tuple(np.round(np.linalg.inv(vol.affine) @ np.append(p, 1.0))[:3].astype(int))
 
 
 @pytest.fixture(scope="module")
