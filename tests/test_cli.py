@@ -67,17 +67,22 @@ def test_bad_range_option_is_rejected_by_argparse(tmp_path, capsys):
 def test_demo_on_the_small_head_prints_its_tables(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "mriface", "demo", "--heads", "voxface,pydeface", "--views", "3",
-                          "--size", "160", "--device", "cpu", "--no-progress", "--out", str(out)],
+                          "--size", "160", "--device", "cpu", "--no-progress", "--out", str(out),
+                          "--synthetic", "3", "--accept-noncommercial"],
                          capture_output=True, text=True, cwd=REPO, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "rank 1:" in run.stdout and "top 5:" in run.stdout and "voxface" in run.stdout
+    assert "photographs of 3 synthetic participants" in run.stdout and "chance: rank 1 33%" in run.stdout
+    photos = pd.read_csv(out / "photographs" / "participants.csv")
+    assert sorted(photos["participant"]) == ["syn001", "syn002", "syn003"]
     for study in ("protocol", "resampled"):
         table = pd.read_csv(out / study / "participants.csv")
         assert sorted(table["participant"]) == ["pydeface", "voxface"]
         assert (out / study / "report.html").is_file() and (out / study / "summary.json").is_file()
     # the rotated, resampled copies exist and the gallery was computed once for both studies
     assert len(list((out / "inputs").glob("*_1.2mm.nii.gz"))) == 2
-    assert len(list((out / "cache" / "renders").glob("*-gallery-*.json"))) == 2
+    entries = [p.name for p in (out / "cache" / "renders").glob("*-gallery-*.json")]
+    assert len([e for e in entries if not e.startswith("syn")]) == 2 and len(entries) == 2 + 3
     assert not list(out.rglob("*view*.png"))  # no renders written without --include-images
 
 
@@ -129,3 +134,20 @@ def test_surface_and_render_take_a_mesh_file_wherever_they_take_a_scan(tmp_path,
     assert len(list(out.rglob("*.png"))) == 2 and (out / "renders.csv").is_file()
     assert main(["render", str(tmp_path / "nowhere.ply"), "--out", str(out)]) == 2
     assert "nowhere.ply" in capsys.readouterr().err
+
+
+def test_demo_asks_before_fetching_the_noncommercial_face_model(tmp_path, monkeypatch):
+    from mriface.demo import ACCEPT_ENV, synthetic_consent
+
+    monkeypatch.setenv("MRIFACE_DATA", str(tmp_path / "empty-cache"))  # the face model is not cached here
+    monkeypatch.delenv(ACCEPT_ENV, raising=False)
+    asked = []
+    ok, why = synthetic_consent(False, interactive=False, ask=asked.append)
+    assert not ok and "--accept-noncommercial" in why and asked == []  # no prompt, no fetch
+    ok, _ = synthetic_consent(False, interactive=True, ask=lambda prompt: asked.append(prompt) or "n")
+    assert not ok and "non-commercial" in asked[0]
+    assert synthetic_consent(False, interactive=True, ask=lambda prompt: "y")[0]
+    assert synthetic_consent(True, interactive=False)[0]
+    monkeypatch.setenv(ACCEPT_ENV, "bfm")
+    assert synthetic_consent(False, interactive=False)[0]
+    assert not (tmp_path / "empty-cache").exists()  # deciding fetched nothing
