@@ -47,11 +47,13 @@ class CheapPipeline(Pipeline):
 
     dim = 64
 
-    def __init__(self, kill_once: "Path | None" = None, kill_id: int = 3, load_s: float = 0.02):
+    def __init__(self, kill_once: "Path | None" = None, kill_id: int = 3, load_s: float = 0.02,
+                 first_render_s: float = 0.0, fail_render_id: "int | None" = None):
         super().__init__(device="cpu", backend="embree")
         self.calls = Counter()
         self.main_pid = os.getpid()
         self.kill_once, self.kill_id, self.load_s = kill_once, kill_id, load_s
+        self.first_render_s, self.fail_render_id = first_render_s, fail_render_id
 
     def model_id(self):
         return {"cheap": 1}
@@ -77,7 +79,13 @@ class CheapPipeline(Pipeline):
 
     def render(self, surface, subject, protocol):
         self.calls["render"] += 1
+        if self.calls["render"] == 1:
+            time.sleep(self.first_render_s)  # the workers get ahead: the next scans' surfaces are all ready
         ident, v = int(surface.verts[0, 0]), protocol.views
+        if ident == self.fail_render_id:
+            from mriface.errors import MRIFaceError
+
+            raise MRIFaceError(f"nothing in front of the face frame of {subject}")
         rng = np.random.default_rng([protocol.seed, ident])
         images = torch.zeros(v, 4, 4, 3)
         images[:, 0, 0, 0] = ident / 1000
@@ -87,6 +95,7 @@ class CheapPipeline(Pipeline):
 
     def align(self, images):
         self.calls["align"] += 1
+        self.calls["aligned"] += len(images)
         if not isinstance(images, torch.Tensor):  # photographs (paths)
             arrs = [np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in images]
             images = torch.stack([torch.as_tensor(a[:4, :4]) for a in arrs])
@@ -189,6 +198,99 @@ def test_streaming_gives_the_same_tables_survives_a_killed_worker_and_resumes(re
     assert again.computed == 0 and again.cached == 12 and ex2.stats["prefetched"] == 0
     _same_tables(reference.out, out)
     reference.local = out  # the local executor's tables, for the Ray test
+
+
+# --------------------------------------------------------------------------- batches of scans on the device
+def test_process_scans_batches_the_device_stages_and_gives_each_scans_own_entries(reference, tmp_path):
+    from mriface.inputs import Scan
+    from mriface.render import RenderProtocol
+    from mriface.study.stages import process_scan, process_scans
+
+    scans = [Scan(f"S{i}", reference.manifest.parent / "scans" / f"s{i}.txt") for i in (1, 2, 3)]
+    protocol = RenderProtocol(views=3, image_size=32)
+    pipe = CheapPipeline()
+    together = process_scans(scans, "gallery", protocol, pipe, tmp_path / "batch")
+    assert pipe.calls["align"] == 1 and pipe.calls["aligned"] == 9  # one detection pass over 3 x 3 renders
+    assert pipe.calls["embed"] == 1  # one embedding call for the batch
+    one = CheapPipeline()
+    alone = [process_scan(s, "gallery", protocol, one, tmp_path / "alone") for s in scans]
+    assert one.calls["align"] == 3
+    for a, b in zip(together, alone):
+        assert (a.subject, a.found.tolist(), a.renders) == (b.subject, b.found.tolist(), b.renders)
+        assert np.array_equal(a.embeddings, b.embeddings) and np.array_equal(a.prob, b.prob, equal_nan=True)
+        assert set(a.timings) == {"load", "surface", "render", "align", "embed"}
+    # the same cache entries: a scan done alone afterwards finds the batch's entries
+    again = CheapPipeline()
+    cached = [process_scan(s, "gallery", protocol, again, tmp_path / "batch") for s in scans]
+    assert all(r.cached for r in cached) and again.calls["render"] == 0
+    assert all(np.array_equal(r.embeddings, b.embeddings) for r, b in zip(cached, alone))
+
+
+def test_a_failing_scan_in_a_batch_is_its_own_problem(reference, tmp_path):
+    from mriface.inputs import Scan
+    from mriface.render import RenderProtocol
+    from mriface.study.stages import process_scans
+
+    scans = [Scan(f"S{i}", reference.manifest.parent / "scans" / f"s{i}.txt") for i in (1, 2, 3)]
+    pipe = CheapPipeline(fail_render_id=2)
+    res = process_scans(scans, "gallery", RenderProtocol(views=3, image_size=32), pipe, tmp_path)
+    assert [r.problem is None for r in res] == [True, False, True]
+    assert res[1].problem.kind == "scan_failed" and "nothing in front of the face frame of S2" in res[1].problem.message
+    assert [r.n_found for r in res] == [3, 0, 3]
+
+
+def test_streaming_in_batches_of_three_gives_the_same_tables(reference, tmp_path):
+    """K=3 on the CPU with the cheap pipeline: batched device stages, the sequential path's bytes."""
+    pipe = CheapPipeline(first_render_s=1.0)
+    ex = StreamingExecutor(2, batch_scans=3)
+    out = tmp_path / "batched"
+    run_study(reference.manifest, out=out, photos=reference.photos, views=3, size=32, progress=False,
+              pipeline=pipe, executor=ex)
+    _same_tables(reference.out, out)
+    s = ex.stats
+    assert s["batch_scans"] == 3 and s["batches"] >= 1 and s["mean_batch"] > 1  # scans went through together
+    assert pipe.calls["render"] == 6 and s["prefetched"] == 6
+    assert "batches of up to 3 scans" in (out / "study.log").read_text()
+
+
+def test_batch_scans_defaults_by_device():
+    from mriface.study.worker import resolve_batch_scans
+
+    assert resolve_batch_scans(None, SimpleNamespace(device=torch.device("cpu"))) == 1
+    assert resolve_batch_scans(None, SimpleNamespace(device=torch.device("cuda"))) == 8
+    assert resolve_batch_scans(3, None) == 3
+    with pytest.raises(Exception, match="batch_scans=0"):
+        StreamingExecutor(2, batch_scans=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (its CPU twin: "
+                    "test_streaming_in_batches_of_three_gives_the_same_tables)")
+def test_cuda_batches_of_scans_match_the_sequential_tables_to_rounding(tmp_path, sample_path):
+    """Real stages on CUDA, 3 scans per device batch: the sequential path's tables up to the last bits.
+
+    Batched rendering, detection and embedding on the GPU reorder float sums,
+    so the scores may differ in the last bits (docs/scale.md); ranks and
+    detections do not.
+    """
+    from mriface.volume import rotate_resample
+
+    head = sample_path("voxface")
+    rows = ["subject,scan", f"vox,{head}"]
+    for i in range(3):
+        dest = tmp_path / f"rot{i}.nii.gz"
+        rotate_resample(head, dest, axis=(0, 0, 1), degrees=6.0 + 5 * i, voxel_mm=2.0)
+        rows.append(f"rot{i},{dest.name}")
+    m = tmp_path / "manifest.csv"
+    m.write_text("\n".join(rows) + "\n")
+    kw = dict(views=4, size=256, device="cuda", progress=False, probes="protocol", random_weights=True)
+    run_study(m, out=tmp_path / "seq", executor="sequential", **kw)
+    ex = StreamingExecutor(2, batch_scans=3)
+    run_study(m, out=tmp_path / "batched", executor=ex, **kw)
+    assert ex.stats["batch_scans"] == 3
+    for t in TABLES:
+        a, b = pd.read_csv(tmp_path / "seq" / t), pd.read_csv(tmp_path / "batched" / t)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-3, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- Ray

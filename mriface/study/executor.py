@@ -16,11 +16,22 @@ Why results are identical to the sequential path
 A worker only *fills the cache*: it runs the surface stage
 (:func:`mriface.study.stages._surface_for`: load, reconstruct, write the
 surface entry atomically) and sends back nothing but timings. This process
-then calls the very same :func:`~mriface.study.stages.process_scan` on every
-scan, in order; it finds the surface in the cache (an uncompressed ``.npz``
+then calls the very same :func:`~mriface.study.stages.process_scans` on the
+scans, in order; it finds each surface in the cache (an uncompressed ``.npz``
 that reads back bit for bit) and does render, align and embed exactly as the
 sequential path would. Everything that decides a result - cache keys,
-problems, the render entry - stays in one place. A worker that fails or dies
+problems, the render entry - stays in one place.
+
+Batches of scans on the device
+------------------------------
+With ``batch_scans`` K > 1 (the default on CUDA: 8), the scan asked for and
+the next ones whose surfaces are ready, up to K, go through the device
+stages together: one render call where the backend batches meshes, one
+detection pass over all their renders, one embedding call per face model
+(:func:`~mriface.study.stages.process_scans`). Only K scans' surfaces and
+renders are in memory at once. On the CPU the default is 1 scan: the
+cores are busy either way, and batch sizes can change the networks' last
+bits, which one scan at a time keeps identical to the sequential path. A worker that fails or dies
 costs nothing but time: the scan is then simply reconstructed here. A
 killed study resumes from the cache as before, and a resumed scan whose
 surface is cached costs a worker one file hash.
@@ -46,7 +57,8 @@ from typing import Any
 
 from ..errors import MRIFaceError
 from .worker import (  # noqa: F401 - Executor, busy_summary, peak_rss_mb, prefetch_surface: re-exported
-    Executor, busy_summary, log_busy, peak_rss_mb, prefetch_surface, thread_env, worker_copy, worker_main)
+    Executor, busy_summary, log_busy, peak_rss_mb, prefetch_surface, resolve_batch_scans, stage_intervals, thread_env,
+    worker_copy, worker_main)
 
 __all__ = ["EXECUTORS", "Executor", "StreamingExecutor", "default_workers", "open_executor", "busy_summary"]
 
@@ -66,7 +78,7 @@ def default_workers() -> int:
 
 
 def open_executor(executor: "str | Executor | None" = "auto", workers: "int | None" = None, *,
-                  ray_address: "str | None" = None) -> "Executor":
+                  ray_address: "str | None" = None, batch_scans: "int | None" = None) -> "Executor":
     """An executor by name (use it as a context manager: it owns processes).
 
     Parameters
@@ -80,6 +92,10 @@ def open_executor(executor: "str | Executor | None" = "auto", workers: "int | No
     ray_address : str, optional
         For ``"ray"``: a cluster's address (``"auto"``, ``"10.0.0.5:6379"``);
         None starts a local Ray runtime.
+    batch_scans : int, optional
+        For ``"streaming"`` and ``"ray"``: scans whose device stages run
+        together (default: 1 on the CPU, 8 on CUDA); the sequential path
+        does one scan at a time.
     """
     if isinstance(executor, Executor):
         return executor
@@ -94,10 +110,11 @@ def open_executor(executor: "str | Executor | None" = "auto", workers: "int | No
     if executor == "sequential":
         return Executor()
     if executor == "streaming":
-        return StreamingExecutor(workers=int(workers) if workers is not None else default_workers())
+        return StreamingExecutor(workers=int(workers) if workers is not None else default_workers(),
+                                 batch_scans=batch_scans)
     from .ray_executor import RayExecutor
 
-    return RayExecutor(address=ray_address, num_cpus=workers)
+    return RayExecutor(address=ray_address, num_cpus=workers, batch_scans=batch_scans)
 
 
 # --------------------------------------------------------------------------- the streaming executor
@@ -120,6 +137,11 @@ class StreamingExecutor(Executor):
         Scans handed out beyond the one this process is on (default ``2 * workers``).
     threads : int
         Threads of each worker's numerical libraries (default 1).
+    batch_scans : int, optional
+        Scans whose device stages (render, align, embed) run together
+        (:func:`~mriface.study.stages.process_scans`): up to this many
+        consecutive scans whose surfaces are ready. Default: 1 on the CPU
+        (every byte as the sequential path), 8 on CUDA.
     start_method : str
         ``"spawn"`` (default) or ``"forkserver"``; never ``"fork"``: a forked
         copy of a process that has used torch's thread pools can hang.
@@ -130,7 +152,8 @@ class StreamingExecutor(Executor):
         After :meth:`close`: busy seconds per stage and where (``busy_s``),
         ``overlap_s`` (workers and this process busy at once), ``wall_s``,
         ``prefetched`` (surfaces made by workers), ``computed_here`` (scans a
-        worker could not do), ``worker_deaths``.
+        worker could not do), ``worker_deaths``, ``batch_scans`` and
+        ``batches`` (device-stage calls of more than one scan, and their mean size).
 
     Notes
     -----
@@ -144,7 +167,7 @@ class StreamingExecutor(Executor):
     backlog = 2
 
     def __init__(self, workers: "int | None" = None, *, lookahead: "int | None" = None, threads: int = 1,
-                 start_method: str = "spawn"):
+                 batch_scans: "int | None" = None, start_method: str = "spawn"):
         super().__init__()
         self.workers = int(workers) if workers is not None else default_workers()
         if self.workers < 1:
@@ -153,6 +176,8 @@ class StreamingExecutor(Executor):
             raise MRIFaceError("start_method='fork': use 'spawn' or 'forkserver' (torch and fork do not mix)")
         self.lookahead = int(lookahead) if lookahead is not None else 2 * self.workers
         self.threads = max(1, int(threads))
+        self.batch_scans = None if batch_scans is None else resolve_batch_scans(batch_scans, None)
+        self._batches: list[int] = []
         self.start_method = start_method
         self._mp = None
         self._setup: "tuple | None" = None
@@ -193,8 +218,9 @@ class StreamingExecutor(Executor):
                 w.conn.send(self._setup)
         self._thread = threading.Thread(target=self._dispatch, name="mriface-dispatch", daemon=True)
         self._thread.start()
-        log.info("executor streaming: %d worker processes (%s, %d thread%s each), lookahead %d scans",
-                 self.workers, self.start_method, self.threads, "" if self.threads == 1 else "s", self.lookahead)
+        log.info("executor streaming: %d worker processes (%s, %d thread%s each), lookahead %d scans, "
+                 "device stages in batches of up to %d scans", self.workers, self.start_method, self.threads,
+                 "" if self.threads == 1 else "s", self.lookahead, resolve_batch_scans(self.batch_scans, pipeline))
 
     def _spawn(self) -> None:
         """Start one worker (on the calling thread: the thread-pool variables go through os.environ)."""
@@ -303,6 +329,8 @@ class StreamingExecutor(Executor):
             s.update(executor=self.name, workers=self.workers, prefetched=self._prefetched,
                      computed_here=self._fallbacks, worker_deaths=self._deaths,
                      photos_while_waiting=len(self._photo_done) + self._photos_used,
+                     batch_scans=self.batch_scans, batches=len(self._batches),
+                     mean_batch=sum(self._batches) / len(self._batches) if self._batches else None,
                      worker_peak_rss_mb=self._worker_rss or None)
             self.stats = s
             log_busy(f"streaming ({self.workers} workers)", s)
@@ -362,8 +390,22 @@ class StreamingExecutor(Executor):
                     if key not in self._done:
                         self._cond.wait(0.2)
 
+    def _took(self, kind: str, payload: Any, pipeline: Any, role: str, scan: Any) -> dict:
+        """Book a worker's answer for one scan; its load/surface timings (empty when it did nothing)."""
+        if kind != "done":
+            self._fallbacks += 1
+            log.info("%s %s: no surface from a worker (%s); reconstructing it here", role, scan.subject, payload)
+            return {}
+        self._prefetched += bool(payload["timings"])
+        memo = getattr(pipeline, "_digests", None)
+        if isinstance(memo, dict):  # the worker hashed the file: no need to do it again
+            memo.update(payload["digests"])
+        self._intervals.extend(("workers", s, x, y) for s, x, y in payload["intervals"])
+        self._worker_rss = max(self._worker_rss, payload.get("peak_rss_mb") or 0.0)
+        return payload["timings"]
+
     def plan(self, ctx, scans, role, protocol, *, transform=None):
-        from .stages import process_scan
+        from .stages import process_scan, process_scans
 
         if transform is not None and getattr(transform, "on", "volume") != "surface":
             # a volume transform runs where the scan is reconstructed: here (the function may not pickle)
@@ -373,7 +415,10 @@ class StreamingExecutor(Executor):
         self._start(ctx.pipeline, ctx.cache_root)
         self._gen += 1
         gen, scans = self._gen, list(scans)
+        k = resolve_batch_scans(self.batch_scans, ctx.pipeline)
+        ahead = max(self.lookahead, k)  # a batch can only take surfaces that were handed out
         state = {"next": 0, "sent": 0}
+        ready: dict[int, Any] = {}  # results of the current batch's later scans, until they are asked for
 
         def hand_out(upto: int) -> None:
             with self._cond:
@@ -381,39 +426,33 @@ class StreamingExecutor(Executor):
                     self._pending.append((gen, state["sent"], scans[state["sent"]]))
                     state["sent"] += 1
 
-        hand_out(self.lookahead + 1)
+        hand_out(ahead + 1)
 
         def process(scan, role_, protocol_, pipeline, cache_root, **kw):
             i = state["next"]
             if i >= len(scans) or scans[i] is not scan:  # not in the planned order: no prefetch for it
                 return process_scan(scan, role_, protocol_, pipeline, cache_root, **kw)
             state["next"] += 1
-            hand_out(i + 1 + self.lookahead)
+            hand_out(i + 1 + ahead)
+            if i in ready:
+                return ready.pop(i)
             a = time.time()
-            kind, payload = self._wait((gen, i))
-            b = time.time()
-            self._intervals.append(("main", "wait", a, b))
-            extra: dict = {}
-            if kind == "done":
-                self._prefetched += bool(payload["timings"])
-                memo = getattr(pipeline, "_digests", None)
-                if isinstance(memo, dict):  # the worker hashed the file: no need to do it again
-                    memo.update(payload["digests"])
-                self._intervals.extend(("workers", s, x, y) for s, x, y in payload["intervals"])
-                self._worker_rss = max(self._worker_rss, payload.get("peak_rss_mb") or 0.0)
-                extra = payload["timings"]
-            else:
-                self._fallbacks += 1
-                log.info("%s %s: no surface from a worker (%s); reconstructing it here", role_, scan.subject,
-                         payload)
-            res = process_scan(scan, role_, protocol_, pipeline, cache_root, **kw)
-            end = time.time()
-            for stage in ("embed", "align", "render", "transform", "surface", "load"):
-                if stage in res.timings:  # the stages done here, laid end to end backwards from now
-                    self._intervals.append(("main", stage, end - res.timings[stage], end))
-                    end -= res.timings[stage]
-            if extra and not res.cached:
-                res.timings = {**extra, **res.timings}
-            return res
+            answers = [self._wait((gen, i))]
+            self._intervals.append(("main", "wait", a, time.time()))
+            with self._cond:  # and the next scans whose surfaces are ready by now, up to k in all
+                while len(answers) < k and i + len(answers) < len(scans) and (gen, i + len(answers)) in self._done:
+                    answers.append(self._done.pop((gen, i + len(answers))))
+            batch = scans[i:i + len(answers)]
+            extra = [self._took(kind, payload, pipeline, role_, s) for (kind, payload), s in zip(answers, batch)]
+            results = process_scans(batch, role_, protocol_, pipeline, cache_root, **kw)
+            self._intervals.extend(stage_intervals(results, time.time()))
+            if len(batch) > 1:
+                self._batches.append(len(batch))
+            for j, (res, x) in enumerate(zip(results, extra)):
+                if x and not res.cached:
+                    res.timings = {**x, **res.timings}
+                if j:
+                    ready[i + j] = res
+            return results[0]
 
         return process

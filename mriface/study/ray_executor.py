@@ -14,9 +14,11 @@ on as many machines as a Ray cluster has:
   surface comes from the cache) and the participants' photographs. An actor
   asks for one GPU (``num_gpus=1``) when the study's device is CUDA, and
   there is one actor per GPU in the cluster; on CPUs, one actor.
-  A scan's actor call takes the surface task's result as its argument, so
-  Ray starts it as soon as that surface exists, while the driver (this
-  process) only collects results in the study's order and writes the tables.
+  An actor call takes a batch of ``batch_scans`` consecutive scans (1 on
+  the CPU, 8 on CUDA by default; :func:`~mriface.study.stages.process_scans`)
+  with their surface tasks' results as arguments, so Ray starts it as soon
+  as those surfaces exist, while the driver (this process) only collects
+  results in the study's order and writes the tables.
 
 Results are identical to the sequential path for the same reason as the
 streaming executor's: every scan goes through the one ``process_scan``, and
@@ -32,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MRIFaceError
-from .worker import Executor, busy_summary, log_busy, prefetch_surface, worker_copy
+from .worker import (Executor, busy_summary, log_busy, prefetch_surface, resolve_batch_scans, stage_intervals,
+                     worker_copy)
 
 __all__ = ["RayExecutor"]
 
@@ -54,23 +57,23 @@ class _DeviceStage:
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
 
-    def process(self, prefetched: "dict | None", scan, role, protocol, cache_root, images_dir, transform):
-        from .stages import process_scan
+    def process(self, scans, role, protocol, cache_root, images_dir, transform, *prefetched: "dict | None"):
+        """Scans' device stages in one batch (:func:`~mriface.study.stages.process_scans`).
 
-        a = time.time()
-        res = process_scan(scan, role, protocol, self.pipeline, cache_root, images_dir=images_dir,
-                           transform=transform)
-        end = time.time()
-        intervals = []
-        for stage in ("embed", "align", "render", "transform", "surface", "load"):
-            if stage in res.timings:
-                intervals.append(("main", stage, end - res.timings[stage], end))
-                end -= res.timings[stage]
-        if prefetched:
-            intervals += [("workers", s, x, y) for s, x, y in prefetched["intervals"]]
-            if prefetched["timings"] and not res.cached:
-                res.timings = {**prefetched["timings"], **res.timings}
-        return res, intervals, time.time() - a
+        ``prefetched``: the scans' surface tasks' answers (Ray passes them once
+        every task has finished), or nothing when there were no surface tasks.
+        """
+        from .stages import process_scans
+
+        results = process_scans(scans, role, protocol, self.pipeline, cache_root, images_dir=images_dir,
+                                transform=transform)
+        intervals = stage_intervals(results, time.time())
+        for res, pre in zip(results, prefetched):
+            if pre:
+                intervals += [("workers", s, x, y) for s, x, y in pre["intervals"]]
+                if pre["timings"] and not res.cached:
+                    res.timings = {**pre["timings"], **res.timings}
+        return results, intervals
 
     def photos(self, participant, paths, cache_root):
         from .stages import process_photos
@@ -97,6 +100,10 @@ class RayExecutor(Executor):
         (default: 4 per CPU of the cluster); bounds the driver's memory.
     max_retries : int
         Retries of a surface task whose worker died (Ray's own retry).
+    batch_scans : int, optional
+        Consecutive scans whose device stages run in one actor call
+        (:func:`~mriface.study.stages.process_scans`; the call starts when all
+        their surfaces exist). Default: 1 on the CPU, 8 on CUDA.
     init_kwargs : dict, optional
         More :func:`ray.init` arguments for a runtime started here.
     """
@@ -105,13 +112,14 @@ class RayExecutor(Executor):
 
     def __init__(self, address: "str | None" = None, num_cpus: "int | None" = None, *,
                  actors: "int | None" = None, lookahead: "int | None" = None, max_retries: int = 3,
-                 init_kwargs: "dict | None" = None):
+                 batch_scans: "int | None" = None, init_kwargs: "dict | None" = None):
         super().__init__()
         self.address = address
         self.num_cpus = num_cpus
         self.n_actors = actors
         self.lookahead = lookahead
         self.max_retries = int(max_retries)
+        self.batch_scans = None if batch_scans is None else resolve_batch_scans(batch_scans, None)
         self.init_kwargs = dict(init_kwargs or {})
         self._owns = False
         self._actors: list = []
@@ -152,7 +160,8 @@ class RayExecutor(Executor):
         self._actors = []
         if self._t0 is not None:
             s = busy_summary(self._intervals, time.time() - self._t0)
-            s.update(executor=self.name, actors=self.n_actors, computed_by_driver_fallback=self._fallbacks)
+            s.update(executor=self.name, actors=self.n_actors, computed_by_driver_fallback=self._fallbacks,
+                     batch_scans=self.batch_scans)
             self.stats = s
             log_busy("ray", s)
             self._t0 = None
@@ -206,42 +215,53 @@ class RayExecutor(Executor):
         ray = _ray()
         self._start(ctx)
         scans = list(scans)
+        k = resolve_batch_scans(self.batch_scans, ctx.pipeline)
         prefetch = transform is None or getattr(transform, "on", "volume") == "surface"
         images = ctx.images_root / role if ctx.images_root else None
         cache_root = str(ctx.cache_root)
-        refs: dict[int, Any] = {}
+        refs: dict[int, Any] = {}  # first scan of a batch -> its actor call
+        ready: dict[int, Any] = {}  # results of a batch's later scans, until they are asked for
         state = {"next": 0, "sent": 0}
+
+        def call(i: int, batch: list, pre: list):
+            return self._actors[(i // k) % len(self._actors)].process.remote(
+                batch, role, protocol, cache_root, images, transform, *pre)
 
         def submit(upto: int) -> None:
             while state["sent"] < min(upto, len(scans)):
                 i = state["sent"]
-                pre = self._surface.remote(self._pipe_ref, scans[i], cache_root) if prefetch else None
-                refs[i] = self._actors[i % len(self._actors)].process.remote(
-                    pre, scans[i], role, protocol, cache_root, images, transform)
-                state["sent"] += 1
+                batch = scans[i:i + k]
+                pre = [self._surface.remote(self._pipe_ref, s, cache_root) for s in batch] if prefetch else []
+                refs[i] = call(i, batch, pre)
+                state["sent"] += len(batch)
 
-        submit(self.lookahead)
+        submit(max(self.lookahead, k))
 
         def process(scan, role_, protocol_, pipeline, cache_root_, **kw):
             i = state["next"]
             if i >= len(scans) or scans[i] is not scan:
                 return process_scan(scan, role_, protocol_, pipeline, cache_root_, **kw)
             state["next"] += 1
-            submit(i + 1 + self.lookahead)
+            submit(i + 1 + max(self.lookahead, k))
+            if i in ready:
+                return ready.pop(i)
+            batch = scans[i:i + k]
             a = time.time()
             try:
-                res, intervals, _ = ray.get(refs.pop(i))
-            except ray.exceptions.RayError as exc:  # the surface task failed for good, or an actor died
+                results, intervals = ray.get(refs.pop(i))
+            except ray.exceptions.RayError as exc:  # a surface task failed for good, or an actor died
                 self._fallbacks += 1
-                log.info("%s %s: Ray could not do it (%s); doing it on an actor without the surface task",
+                log.info("%s %s: Ray could not do it (%s); doing it on an actor without the surface tasks",
                          role_, scan.subject, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 try:
-                    res, intervals, _ = ray.get(self._actors[i % len(self._actors)].process.remote(
-                        None, scan, role_, protocol_, cache_root, images, transform))
+                    results, intervals = ray.get(call(i, batch, []))
                 except ray.exceptions.RayError:
-                    return process_scan(scan, role_, protocol_, pipeline, cache_root_, **kw)
+                    results = [process_scan(s, role_, protocol_, pipeline, cache_root_, **kw) for s in batch]
+                    intervals = []
             self._intervals.append(("main", "wait", a, time.time()))
             self._intervals.extend(intervals)
-            return res
+            for j, res in enumerate(results[1:], 1):
+                ready[i + j] = res
+            return results[0]
 
         return process

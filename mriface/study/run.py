@@ -36,7 +36,8 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
               progress: bool = True, title: "str | None" = None,
               bids_suffixes: Sequence[str] = ("T1w", "FLAIR"),
               pipeline: "Pipeline | None" = None, workers: "int | None" = None,
-              executor: "str | Any" = "auto", ray_address: "str | None" = None) -> StudyResult:
+              executor: "str | Any" = "auto", ray_address: "str | None" = None,
+              batch_scans: "int | None" = None) -> StudyResult:
     """Run a re-identification study and write its results to ``out``.
 
     Parameters
@@ -111,6 +112,10 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
     ray_address : str, optional
         With ``executor="ray"``: the Ray cluster to join (``"auto"``,
         ``"HOST:6379"``); None starts Ray on this machine.
+    batch_scans : int, optional
+        Streaming and Ray executors: scans whose render, align and embed
+        stages run together on the device (default 1 on the CPU, 8 on CUDA;
+        docs/scale.md).
 
     Returns
     -------
@@ -142,7 +147,8 @@ def run_study(source: "str | os.PathLike[str] | StudyInputs", *, out: "str | os.
     # Outermost: disk full / output not writable anywhere below stops the study with one clear line;
     # then the lock (a second study into this folder is refused) before the log is opened.
     with stop_on_environment_failure(out, cache_root), OutputLock(out, cache_root) as lock, \
-            LogFile(out / "study.log"), open_executor(executor, workers, ray_address=ray_address) as ex:
+            LogFile(out / "study.log"), open_executor(executor, workers, ray_address=ray_address,
+                                                                       batch_scans=batch_scans) as ex:
         if lock.removed:
             log.info("removed %d temporary .part files left by an interrupted run", lock.removed)
         # ---- inputs and options

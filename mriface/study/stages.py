@@ -31,7 +31,8 @@ from ..errors import MRIFaceError, TransformError
 from ..inputs import Problem, Scan
 from . import cache as _cache
 
-__all__ = ["Pipeline", "ScanResult", "PhotoResult", "process_scan", "process_photos", "parse_models"]
+__all__ = ["Pipeline", "ScanResult", "PhotoResult", "process_scan", "process_scans", "process_photos",
+           "parse_models"]
 
 log = logging.getLogger("mriface.study")
 
@@ -177,6 +178,32 @@ class Pipeline:
 
         return render_views({subject: surface}, protocol, backend=self.backend, device=self.device)
 
+    def render_many(self, items: "Sequence[tuple[Any, str]]", protocol) -> list:
+        """Several subjects' renders: one :class:`~mriface.render.RenderBatch` per (surface, subject).
+
+        One backend call for all of them where the backend batches meshes
+        (zbuffer, pytorch3d); otherwise, and when a subclass overrides
+        :meth:`render`, one :meth:`render` call per subject.
+        """
+        items = list(items)
+        subjects = [s for _, s in items]
+        if len(items) == 1 or not self.batches_meshes or len(set(subjects)) != len(subjects) \
+                or type(self).render is not Pipeline.render:
+            return [self.render(surface, subject, protocol) for surface, subject in items]
+        from ..render import render_views
+
+        batch = render_views(dict((s, surf) for surf, s in items), protocol, backend=self.backend,
+                             device=self.device)
+        v = int(protocol.views)
+        return [_subject_batch(batch, slice(i * v, (i + 1) * v)) for i in range(len(items))]
+
+    @property
+    def batches_meshes(self) -> bool:
+        """Whether the render backend rasterizes several subjects' meshes in one call."""
+        from ..render.rasterize import select_backend
+
+        return bool(getattr(select_backend(self.backend, self.device)[0], "batches_meshes", False))
+
     @property
     def aligner(self):
         """The photographs' aligner: facenet-pytorch's MTCNN with mriface's defaults."""
@@ -187,6 +214,9 @@ class Pipeline:
 
         if min_face_size not in self._aligner:
             kw = {} if min_face_size is None else {"min_face_size": int(min_face_size)}
+            if min_face_size is not None and self.device.type == "cuda":
+                # renders of a batch of scans (process_scans): one detection call for up to 128 renders of 512²
+                kw.update(batch_size=128, batch_pixels=128 * 512 * 512)
             specs: list = []
             for m in self.models:  # the primary model's crop first: Alignment.crops
                 spec = self.embedder_for(m).crop
@@ -445,31 +475,38 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
                  on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
     """Reconstruct, render, align and embed one scan, using and filling the cache: the guarded unit.
 
-    Runs :func:`_process_scan` inside :func:`mriface.study.guard.guarded_scan`:
-    any exception becomes the result's ``problem`` and damaged cache entries
-    its ``extra_problems``; only environment failures (disk full, output
-    not writable) raise :class:`~mriface.study.guard.StudyEnvironmentError`.
-    Every executor calls this function. Parameters as :func:`_process_scan`.
+    :func:`process_scans` with one scan (the sequential path's call).
+    Parameters as :func:`process_scans`.
     """
-    from .guard import guarded_scan
-
-    def failed(problem: Problem, dim: int) -> ScanResult:
-        return ScanResult(scan.subject, role, scan.path, np.zeros((0, dim), np.float32), np.zeros(0, bool),
-                          np.zeros(0), problem=problem)
-
-    return guarded_scan(_process_scan, scan, role, protocol, pipeline, cache_root, failed=failed,
-                        images_dir=images_dir, transform=transform, on_stage=on_stage)
+    return process_scans([scan], role, protocol, pipeline, cache_root, images_dir=images_dir,
+                         transform=transform, on_stage=on_stage)[0]
 
 
-def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
-                  images_dir: "Path | None" = None, transform: Any = None,
-                  on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
-    """Reconstruct, render, align and embed one scan, using and filling the cache.
+def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pipeline,
+                  cache_root: "str | Path", *, images_dir: "Path | None" = None, transform: Any = None,
+                  on_stage: "Callable[[str], None] | None" = None) -> "list[ScanResult]":
+    """Reconstruct, render, align and embed several scans, their device stages batched: the guarded unit.
+
+    Each scan's cache lookup and surface come first, one scan at a time.
+    The scans that still need renders then go through the device stages
+    together: one backend call renders them all where the backend batches
+    meshes (``zbuffer``, ``pytorch3d``; one call per scan otherwise), one
+    detection pass aligns every render, and each face model embeds every
+    found crop in one call. The results are split per scan, and each scan's
+    cache entries are written exactly as for a scan done alone.
+
+    Every executor calls this function (the sequential path with one scan).
+    Each scan is guarded (:func:`mriface.study.guard.guarded_scan`): any
+    exception becomes that result's ``problem`` and damaged cache entries its
+    ``extra_problems``; only environment failures (disk full, output not
+    writable) raise :class:`~mriface.study.guard.StudyEnvironmentError`. If
+    the batched device stages fail, each scan is done again alone, so that a
+    failure is the failing scan's own.
 
     Parameters
     ----------
-    scan : Scan
-        The scan file (a volume or a mesh) and its subject id.
+    scans : sequence of Scan
+        The scan files (volumes or meshes) and their subject ids.
     role : str
         ``"gallery"``, ``"probe-scan"``, ``"probe-protocol"`` or a transform's role (names the entry).
     protocol : RenderProtocol
@@ -481,34 +518,109 @@ def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cach
     images_dir : Path, optional
         Also write the renders as PNG here (``include_images``).
     transform : TransformProbes, optional
-        Render the scan after this transform (:class:`mriface.study.TransformProbes`).
+        Render each scan after this transform (:class:`mriface.study.TransformProbes`).
     on_stage : callable, optional
         Called with each stage's name as it starts (for progress displays).
 
     Returns
     -------
-    ScanResult
-        With ``problem`` set (and no embeddings) when the scan could not be
-        read, transformed or reconstructed; errors of other kinds propagate (bugs).
+    list of ScanResult
+        One per scan, in order. A result's ``timings`` of the batched stages
+        (``render``, ``align``, ``embed``) are its share of the batch's
+        seconds. ``problem`` is set (and there are no embeddings) when the
+        scan could not be read, transformed, reconstructed or rendered.
+
+    Notes
+    -----
+    On the CPU a batch gives the same bytes as one scan at a time with the
+    test pipelines; with the real networks the batch size can change the
+    last bits of a detection or an embedding (and on CUDA it does), which
+    is why CPU executors batch one scan by default (docs/scale.md).
     """
+    from .guard import environment_failure, guarded_scan
+    from ..errors import WeightsError
+
+    kw = dict(images_dir=images_dir, transform=transform, on_stage=on_stage)
+    out: list = [guarded_scan(_prepare, s, role, protocol, pipeline, cache_root, failed=_failed_result(s, role), **kw)
+                 for s in scans]
+    todo = [i for i, r in enumerate(out) if isinstance(r, _Pending)]
+    if len(todo) > 1:
+        try:
+            done = _device_stages([out[i] for i in todo], protocol, pipeline, cache_root, on_stage)
+        except WeightsError:
+            raise  # not these scans' fault: the study cannot run (exit 2)
+        except Exception as exc:  # noqa: BLE001 - redone one scan at a time below, where it is guarded
+            if (env := environment_failure(exc, [cache_root, images_dir])) is not None:
+                raise env from exc
+            log.info("%d %s scans rendered together failed (%s: %s); doing each alone", len(todo), role,
+                     type(exc).__name__, (str(exc).splitlines() or [""])[0])
+        else:
+            for i, res in zip(todo, done):
+                res.extra_problems = list(out[i].extra_problems)
+                out[i] = res
+            todo = []
+    for i in todo:  # one scan: any failure is this scan's own problem
+        pending = out[i]
+        res = guarded_scan(_device_stages_one, pending.scan, role, protocol, pipeline, cache_root,
+                           failed=_failed_result(pending.scan, role), images_dir=images_dir, pending=pending,
+                           on_stage=on_stage)
+        res.extra_problems = [*pending.extra_problems, *getattr(res, "extra_problems", [])]
+        out[i] = res
+    return out
+
+
+def _failed_result(scan: Scan, role: str) -> "Callable[[Problem, int], ScanResult]":
+    """The guard's constructor of a failed scan's result."""
+    def failed(problem: Problem, dim: int) -> ScanResult:
+        return ScanResult(scan.subject, role, scan.path, np.zeros((0, dim), np.float32), np.zeros(0, bool),
+                          np.zeros(0), problem=problem)
+
+    return failed
+
+
+@dataclass
+class _Pending:
+    """A scan whose renders are still to be made: what its cache entries need, decided before rendering."""
+
+    scan: Scan
+    role: str
+    surface: Any
+    digest: str
+    dkey: str
+    stem: Path
+    entry: "tuple[dict, dict] | None"  # the cache entry found (its embeddings incomplete), or None
+    have: dict  # face model -> cached embeddings of that entry
+    cacheable: bool
+    timings: dict
+    transform: Any = None
+    images_dir: "Path | None" = None
+    extra_problems: list = field(default_factory=list)
+
+
+def _scan_failed(scan: Scan, role: str, pipeline: Pipeline, exc: BaseException, timings: dict,
+                 roots: Sequence) -> ScanResult:
+    """The result of a scan whose input could not be read, transformed, reconstructed or rendered."""
+    from .guard import environment_failure
+
+    if (env := environment_failure(exc, roots)) is not None:
+        raise env from exc  # disk full, output not writable: the study stops (guard.py)
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    kind = "transform_failed" if isinstance(exc, TransformError) else "scan_failed"
+    problem = Problem(kind, str(scan.path), f"{role} scan of subject {scan.subject!r} failed: {first}", scan.subject)
+    log.warning("%s", problem)
+    models = pipeline.model_ids()
+    empty = {m: np.zeros((0, pipeline.dim_for(m)), np.float32) for m in models}
+    return ScanResult(scan.subject, role, scan.path, empty[next(iter(models))], np.zeros(0, bool), np.zeros(0),
+                      timings=timings, problem=problem, model_embeddings=empty)
+
+
+def _prepare(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
+             images_dir: "Path | None" = None, transform: Any = None,
+             on_stage: "Callable[[str], None] | None" = None) -> "ScanResult | _Pending":
+    """A scan's cached result, its failure, or a :class:`_Pending` with its surface (loaded or reconstructed)."""
     cache = _cache.CacheLayout(cache_root)
     timings: dict[str, float] = {}
     stage = on_stage or (lambda name: None)
-
-    def failed(exc: BaseException) -> ScanResult:
-        from .guard import environment_failure
-
-        if (env := environment_failure(exc, [cache_root, images_dir])) is not None:
-            raise env from exc  # disk full, output not writable: the study stops (guard.py)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        kind = "transform_failed" if isinstance(exc, TransformError) else "scan_failed"
-        problem = Problem(kind, str(scan.path),
-                          f"{role} scan of subject {scan.subject!r} failed: {first}", scan.subject)
-        log.warning("%s", problem)
-        empty = {m: np.zeros((0, pipeline.dim_for(m)), np.float32) for m in models}
-        return ScanResult(scan.subject, role, scan.path, empty[primary], np.zeros(0, bool), np.zeros(0),
-                          timings=timings, problem=problem, model_embeddings=empty)
-
     model_ids = pipeline.model_ids()  # a weights problem stops the study: it is not this scan's fault
     models, primary = list(model_ids), next(iter(model_ids))
     try:
@@ -535,43 +647,107 @@ def _process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cach
         else:
             surface = _transformed_surface(scan, transform, pipeline, cache, timings, stage)
     except (MRIFaceError, OSError) as exc:  # TransformError (a transform that raised) included
-        return failed(exc)
+        return _scan_failed(scan, role, pipeline, exc, timings, [cache_root, images_dir])
+    return _Pending(scan, role, surface, digest, dkey, stem, entry, have, cacheable, timings, transform, images_dir)
+
+
+def _device_stages_one(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
+                       images_dir: "Path | None" = None, pending: _Pending,
+                       on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
+    """:func:`_device_stages` of one scan (the signature :func:`~mriface.study.guard.guarded_scan` calls)."""
+    return _device_stages([pending], protocol, pipeline, cache_root, on_stage)[0]
+
+
+def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, cache_root: "str | Path",
+                   on_stage: "Callable[[str], None] | None") -> "list[ScanResult]":
+    """Render, align and embed the scans of ``todo`` together; write each one's entries; one result each.
+
+    A render error of a single scan (e.g. nothing in front of its face
+    frame) is that scan's problem; with several scans, any error propagates
+    (:func:`process_scans` then does each alone).
+    """
+    cache = _cache.CacheLayout(cache_root)
+    stage = on_stage or (lambda name: None)
+    model_ids = pipeline.model_ids()
+    models, primary = list(model_ids), next(iter(model_ids))
+    shared: dict[str, float] = {}  # seconds of the batch's stages, shared out evenly below
     pipeline.prepare(int(protocol.image_size))  # models load outside the stage timings
     try:
-        with _timed("render", timings, stage):
-            batch = pipeline.render(surface, scan.subject, protocol)
+        with _timed("render", shared, stage):
+            batches = pipeline.render_many([(p.surface, p.scan.subject) for p in todo], protocol)
     except MRIFaceError as exc:  # e.g. a surface with nothing in front of its face frame
-        return failed(exc)
-    if images_dir is not None:
-        from ..render import write_renders
+        if len(todo) > 1:
+            raise
+        p = todo[0]
+        return [_scan_failed(p.scan, p.role, pipeline, exc, p.timings, [cache_root, p.images_dir])]
+    for p, batch in zip(todo, batches):
+        if p.images_dir is not None:
+            from ..render import write_renders
 
-        write_renders(batch, _images_dir(images_dir, scan))
-    with _timed("align", timings, stage):  # one detection for every model: each gets its own crops
-        al = pipeline.align(batch.images)
-    found = np.asarray(_np(al.found), bool).reshape(-1)
+            write_renders(batch, _images_dir(p.images_dir, p.scan))
+    with _timed("align", shared, stage):  # one detection for every model: each gets its own crops
+        al = pipeline.align(batches[0].images if len(batches) == 1 else _cat([b.images for b in batches]))
+    found_all = np.asarray(_np(al.found), bool).reshape(-1)
+    prob_all = np.asarray(_np(al.prob), float).reshape(-1)
+    bounds = np.cumsum([0] + [len(b.images) for b in batches])
+    rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
     # embeddings cached under another detection (e.g. from another device) are not mixed with these
-    same = entry is not None and np.array_equal(np.asarray(entry[1]["found"], bool), found)
-    have = have if same else {}
-    embs: dict[str, np.ndarray] = {}
-    with _timed("embed", timings, stage):
-        for m in models:  # only the models whose embeddings are not cached yet
-            embs[m] = have[m] if m in have else _embed_found(pipeline, m, pipeline.crops_for(al, m), found)
-    prob = np.asarray(_np(al.prob), float).reshape(-1)
-    renders = _render_records(batch, al)
-    meta = {"subject": scan.subject, "role": role, "scan": str(scan.path), "sha256": digest,
-            "cache_version": _cache.CACHE_VERSION, "protocol": _cache.protocol_dict(protocol),
-            "backend": pipeline.backend, "device": str(pipeline.device), "timings": timings,
-            "renders": renders, "n_found": int(found.sum()), "models": models}
-    if transform is not None:
-        meta["transform"] = transform.identity()
-    if cacheable:
-        if not same:  # an intact entry of the same detection stays as it is (only embeddings were missing)
-            _cache.write_entry(stem, meta, found=found, prob=prob)
-        for m in models:
-            if m not in have:
-                _write_embeddings(cache, stem, dkey, m, model_ids[m], embs[m], found)
-    return ScanResult(scan.subject, role, scan.path, embs[primary], found, prob, renders, timings, False,
-                      model_embeddings=embs)
+    same = [p.entry is not None and np.array_equal(np.asarray(p.entry[1]["found"], bool), found_all[r])
+            for p, r in zip(todo, rows)]
+    haves = [p.have if s else {} for p, s in zip(todo, same)]
+    computed: dict[str, np.ndarray] = {}
+    with _timed("embed", shared, stage):
+        for m in models:  # each model embeds, in one call, the found crops of the scans that lack its embeddings
+            need = np.concatenate([found_all[r] if m not in h else np.zeros(r.stop - r.start, bool)
+                                   for r, h in zip(rows, haves)])
+            if any(m not in h for h in haves):
+                computed[m] = _embed_found(pipeline, m, pipeline.crops_for(al, m), need)
+    results = []
+    for p, r, have, s in zip(todo, rows, haves, same):
+        timings = {**p.timings, **{k: v / len(todo) for k, v in shared.items()}}
+        found, prob = found_all[r], prob_all[r]
+        embs = {m: have[m] if m in have else (computed[m] if len(todo) == 1 else computed[m][r].copy())
+                for m in models}
+        renders = _render_records(batches[len(results)], _rows(al, r))
+        meta = {"subject": p.scan.subject, "role": p.role, "scan": str(p.scan.path), "sha256": p.digest,
+                "cache_version": _cache.CACHE_VERSION, "protocol": _cache.protocol_dict(protocol),
+                "backend": pipeline.backend, "device": str(pipeline.device), "timings": timings,
+                "renders": renders, "n_found": int(found.sum()), "models": models}
+        if p.transform is not None:
+            meta["transform"] = p.transform.identity()
+        if p.cacheable:
+            if not s:  # an intact entry of the same detection stays as it is (only embeddings were missing)
+                _cache.write_entry(p.stem, meta, found=found, prob=prob)
+            for m in models:
+                if m not in have:
+                    _write_embeddings(cache, p.stem, p.dkey, m, model_ids[m], embs[m], found)
+        results.append(ScanResult(p.scan.subject, p.role, p.scan.path, embs[primary], found, prob, renders,
+                                  timings, False, model_embeddings=embs))
+    return results
+
+
+def _subject_batch(batch, r: slice):
+    """Rows ``r`` of a :class:`~mriface.render.RenderBatch` (one subject's renders) as a RenderBatch."""
+    import dataclasses
+
+    return dataclasses.replace(batch, images=batch.images[r], subjects=list(batch.subjects[r]), view=batch.view[r],
+                               params={k: v[r] for k, v in batch.params.items()}, cameras=batch.cameras[r],
+                               lights=batch.lights[r], material=batch.material[r])
+
+
+def _cat(images: list):
+    import torch
+
+    return torch.cat(images)
+
+
+def _rows(al, r: slice):
+    """Rows ``r`` of an alignment: what :func:`_render_records` reads (found, prob, n_faces, boxes)."""
+    from types import SimpleNamespace
+
+    pick = {k: _np(getattr(al, k))[r] for k in ("found", "prob", "n_faces", "boxes")
+            if getattr(al, k, None) is not None}
+    return SimpleNamespace(**{"n_faces": None, "boxes": None, **pick})
 
 
 def _images_dir(images_dir: Path, scan: Scan) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["Executor", "busy_summary", "log_busy", "worker_copy", "prefetch_surface", "peak_rss_mb", "worker_main",
-           "thread_env"]
+           "thread_env", "resolve_batch_scans", "stage_intervals"]
 
 log = logging.getLogger("mriface.study")
 
@@ -67,6 +67,44 @@ class Executor:
         from .stages import process_photos
 
         return process_photos(participant, paths, ctx.pipeline, ctx.cache_root)
+
+
+# --------------------------------------------------------------------------- batches of scans
+#: Scans whose device stages run together on CUDA when the executor is not told (``batch_scans=None``).
+CUDA_BATCH_SCANS = 8
+
+
+def resolve_batch_scans(batch_scans: "int | None", pipeline: Any) -> int:
+    """Scans per batch of device stages: ``batch_scans``, or by the pipeline's device (None).
+
+    None means 1 on the CPU, where a batch buys nothing (the CPU's cores are
+    busy either way) and one scan at a time keeps every byte of the
+    sequential path, and :data:`CUDA_BATCH_SCANS` on CUDA, where one render,
+    detection and embedding call for several scans keeps the GPU busy.
+    """
+    if batch_scans is not None:
+        if int(batch_scans) < 1:
+            from ..errors import MRIFaceError
+
+            raise MRIFaceError(f"batch_scans={batch_scans}: give at least 1 scan per batch")
+        return int(batch_scans)
+    dev = getattr(pipeline, "device", "cpu")
+    return CUDA_BATCH_SCANS if getattr(dev, "type", str(dev)) == "cuda" else 1
+
+
+def stage_intervals(results: Sequence[Any], end: float, where: str = "main") -> list:
+    """(where, stage, start, end) of the stages a batch of results did here, laid end to end backwards from ``end``.
+
+    Each stage's seconds are summed over the batch (a batched stage's time is
+    shared out among its scans, so the sum is the batch's time).
+    """
+    out = []
+    for stage in ("embed", "align", "render", "transform", "surface", "load"):
+        total = sum(r.timings.get(stage, 0.0) for r in results if not r.cached)
+        if total > 0:
+            out.append((where, stage, end - total, end))
+            end -= total
+    return out
 
 
 # --------------------------------------------------------------------------- busy time and overlap
