@@ -28,7 +28,7 @@ export OPENBLAS_CORETYPE=Zen
 
 if [[ "${1:-}" == "--check" ]]; then
     PY="${PYTHON:-.venv/bin/python}"
-    ONEDNN_VERBOSE=1 "$PY" - 2>&1 <<'EOF' | grep -v "^onednn_verbose,v1,\(primitive\|graph\|info,\(oneDNN\|cpu,runtime\|gpu\)\)"
+    ONEDNN_VERBOSE=1 "$PY" - 2>&1 <<'EOF' | grep -v "^onednn_verbose,v1,\(primitive\|graph\|info,\(graph\|oneDNN\|cpu,runtime\|gpu\)\)"
 import ctypes, glob, os
 import numpy as np
 import torch

@@ -174,8 +174,19 @@ def extract_head_surface(
     if target_faces is not None and target_faces < 100:
         raise SurfaceError(f"target_faces={target_faces} is too small for a head: give at least 100")
     k = _block_factors(volume.zooms, coarse_mm)
-    coarse = _block_mean(volume.data, k)
-    est = estimate_threshold(volume, coarse_mm=coarse_mm, _coarse=(coarse, k))
+    data_t = None
+    if eng == "torch":
+        # the volume goes to the device once; masks, field and mesh are made there
+        import torch
+
+        from .masks_torch import _block_mean_torch, estimate_threshold_torch
+
+        data_t = torch.as_tensor(np.ascontiguousarray(volume.data, dtype=np.float32)).to(dev)
+        coarse = _block_mean_torch(data_t, k)
+        est = estimate_threshold_torch(volume, coarse, k, coarse_mm, data=data_t)
+    else:
+        coarse = _block_mean(volume.data, k)
+        est = estimate_threshold(volume, coarse_mm=coarse_mm, _coarse=(coarse, k))
     level = float(est.threshold if threshold is None else threshold)
     if threshold is not None and not (volume.data.min() < level < volume.data.max()):
         raise SurfaceError(
@@ -183,14 +194,20 @@ def extract_head_surface(
             f"[{volume.data.min():g}, {volume.data.max():g}]"
         )
     est = ThresholdEstimate(level, est.air, est.skin, est.contrast)
-    masks = _head_masks(volume, est, coarse_mm, coarse)
+    if eng == "torch":
+        from .masks_torch import _head_masks_torch
+
+        masks = _head_masks_torch(volume, est, coarse_mm, coarse)
+    else:
+        masks = _head_masks(volume, est, coarse_mm, coarse)
     h = float(voxel_mm) if voxel_mm is not None else float(volume.zooms.min())
     grid = _work_grid(volume, masks, h)
     inner, outer = _fine_masks(masks, grid)
     lo_val, hi_val = _forced_levels(est, level)
     sigma = float(smooth_mm) / h
     if eng == "torch":
-        field = _field_torch(volume, grid, sigma, inner, outer, lo_val, hi_val, dev)
+        field = _field_torch(volume, grid, sigma, inner, outer, lo_val, hi_val, dev, data=data_t)
+        del data_t
     else:
         field = _field_np(volume, grid, sigma, inner, outer, lo_val, hi_val)
     del inner, outer
@@ -221,5 +238,13 @@ def extract_head_surface(
         world = taubin_smooth(world, faces, mesh_smooth_iters)
     world = world.astype(np.float32)
     normals = vertex_normals_np(world, faces)
-    frame = estimate_face_frame(world, faces)
+    if eng == "torch":
+        # the frame's point statistics on the device (the mesh is small next to the volume)
+        import torch
+
+        from .frame_torch import estimate_face_frame_torch
+
+        frame = estimate_face_frame_torch(torch.from_numpy(world).to(dev), torch.from_numpy(faces).to(dev))
+    else:
+        frame = estimate_face_frame(world, faces)
     return HeadSurface(verts=world, faces=np.ascontiguousarray(faces, dtype=np.int64), normals=normals, frame=frame)

@@ -115,7 +115,12 @@ def _smooth_torch(a, sigma_vox: float):
 def _work_grid(volume: Volume, masks: _HeadMasks, voxel_mm: float) -> _Grid:
     """Isotropic grid over the head's bounding box (plus the air margin)."""
     near = ~masks.exterior
-    idx = [np.flatnonzero(near.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if isinstance(near, np.ndarray):
+        idx = [np.flatnonzero(near.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    else:  # a tensor (engine="torch"): only the box's six numbers come back
+        from .masks_torch import _box
+
+        idx = [np.array([b.start, b.stop - 1]) for b in _box(near, 0)]
     k = np.asarray(masks.k)
     lo = np.array([i[0] for i in idx]) * k
     hi = np.minimum((np.array([i[-1] for i in idx]) + 1) * k, volume.shape) - 1
@@ -136,6 +141,16 @@ def _fine_masks(masks: _HeadMasks, grid: _Grid):
         o = grid.lo[ax] + grid.step[ax] * np.arange(grid.shape[ax])
         c = np.floor((o + 0.5) / masks.k[ax]).astype(np.int64)
         idx.append(np.clip(c, 0, masks.head.shape[ax] - 1))
+    if not isinstance(masks.interior, np.ndarray):  # tensors (engine="torch"): gathered on their device
+        import torch
+
+        idx_t = [torch.from_numpy(i).to(masks.interior.device) for i in idx]
+        out = []
+        for m in (masks.interior, masks.exterior):
+            for ax in range(3):
+                m = torch.index_select(m, ax, idx_t[ax])
+            out.append(m)
+        return out[0], out[1]
     # one axis at a time: 3-4x faster than a single np.ix_ gather
     out = []
     for m in (masks.interior, masks.exterior):
@@ -209,20 +224,25 @@ def _field_np(volume: Volume, grid: _Grid, sigma_vox: float, inner, outer, lo_va
     return out
 
 
-def _field_torch(volume: Volume, grid: _Grid, sigma_vox: float, inner, outer, lo_val, hi_val, device):
-    """Torch twin of :func:`_field_np`; returns a float32 tensor on ``device``."""
+def _field_torch(volume: Volume, grid: _Grid, sigma_vox: float, inner, outer, lo_val, hi_val, device,
+                 data=None):
+    """Torch twin of :func:`_field_np`; returns a float32 tensor on ``device``.
+
+    ``data``: the volume already on ``device`` (float32), else it is copied there;
+    ``inner``/``outer``: numpy arrays or tensors on ``device``.
+    """
     import torch
     import torch.nn.functional as F
 
-    a = torch.as_tensor(np.ascontiguousarray(volume.data, dtype=np.float32)).to(device)
+    a = data if data is not None else torch.as_tensor(np.ascontiguousarray(volume.data, dtype=np.float32)).to(device)
     for ax in range(3):
         if abs(grid.step[ax] - 1.0) < 1e-9 and float(grid.lo[ax]).is_integer():
             a = a.narrow(ax, int(grid.lo[ax]), grid.shape[ax])
         else:
             a = _resample_axis_torch(a, ax, float(grid.lo[ax]), float(grid.step[ax]), grid.shape[ax])
     a = _smooth_torch(a.contiguous(), sigma_vox)
-    inner_t = torch.from_numpy(inner).to(device)
-    outer_t = torch.from_numpy(outer).to(device)
+    inner_t = torch.as_tensor(inner).to(device)
+    outer_t = torch.as_tensor(outer).to(device)
     a = torch.where(inner_t, torch.clamp(a, min=hi_val), a)
     a = torch.where(outer_t, torch.clamp(a, max=lo_val), a)
     return F.pad(a[None, None], (1, 1, 1, 1, 1, 1), mode="constant", value=lo_val)[0, 0]
