@@ -138,8 +138,9 @@ def _outward(verts: np.ndarray, faces: np.ndarray) -> bool:
 def vertex_normals_np(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted unit vertex normals, (V, 3) float32, following the faces' winding."""
     v = verts.astype(np.float64)
-    p0 = v[faces[:, 0]]
-    fn = np.cross(v[faces[:, 1]] - p0, v[faces[:, 2]] - p0)
+    # np.take, not v[faces[:, i]]: the same rows, about half the time
+    p0 = np.take(v, faces[:, 0], axis=0)
+    fn = np.cross(np.take(v, faces[:, 1], axis=0) - p0, np.take(v, faces[:, 2], axis=0) - p0)
     # corner slot-major order: face f's three corners are f, F + f, 2F + f
     idx = np.ascontiguousarray(faces.T).ravel()
     n = np.empty((v.shape[0], 3))
