@@ -108,6 +108,9 @@ def _add_study(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray (pip install 'mriface[ray]'): join the cluster at ADDRESS ('auto', "
                    "HOST:6379), or without ADDRESS start Ray on this machine; see docs/scale.md")
+    p.add_argument("--batch-scans", type=int, default=None, metavar="K",
+                   help="with --workers > 1 or --ray: scans whose render, align and embed stages run together "
+                   "on the device (default: 1 on the CPU, 8 on CUDA; see docs/scale.md)")
     _add_study_options(p)
     p.set_defaults(func=_run_study)
 
@@ -158,7 +161,7 @@ def _run_study(args: argparse.Namespace) -> int:
         render_agg=args.render_agg, weights=args.weights, random_weights=args.random_weights,
         include_images=args.include_images, cache_dir=args.cache_dir, progress=not args.no_progress,
         bids_suffixes=[x.strip() for x in args.bids_suffix.split(",") if x.strip()],
-        **_executor_args(args),
+        **_executor_args(args), batch_scans=args.batch_scans,
     )
     for problem in result.problems:
         print(f"mriface: problem: {problem}", file=sys.stderr)
