@@ -133,8 +133,15 @@ def _measure(orig, new, ctx, seconds: float, info: "dict | None" = None) -> "tup
     return facts, None
 
 
-def _defaced_probes(name: str, volumes: "dict[str, Any]", subjects: "set[str]"):
-    """A TransformProbes that hands the study each scan's defaced volume (already computed)."""
+def _defaced_probes(name: str, volumes: "dict[str, Any]", pipe, subjects: "set[str]"):
+    """A TransformProbes that hands the study each scan's defaced volume's surface.
+
+    ``volumes``: scan path -> the defaced Volume (already computed). The transform works on the
+    surface (``on="surface"``): the study takes the original's surface from its cache and this
+    returns the defaced volume's (``pipe.surface``, the study's own reconstruction), so the study
+    does not read the original scan from disk again only to have it replaced. It is called only
+    for probes whose renders are not cached yet.
+    """
     from ..study import TransformProbes
 
     digest = hashlib.sha256(name.encode())
@@ -146,11 +153,13 @@ def _defaced_probes(name: str, volumes: "dict[str, Any]", subjects: "set[str]"):
         def scans(self, inputs):  # only the scans the method defaced: a failure is not a probe
             return [s for s in inputs.gallery if s.subject in subjects]
 
-    def lookup(volume):
-        return volumes[str(volume.path)]
+    def defaced_surface(_original_surface, scan):
+        return pipe.surface(volumes[str(scan.path)])
 
+    probes = _Defaced(lambda surface: surface, name=name, key=digest.hexdigest(), on="surface")
     # the key is the defaced voxels' digest: a rerun reuses the renders of unchanged results
-    return _Defaced(lookup, name=name, key=digest.hexdigest())
+    probes.apply = lambda obj, scan: defaced_surface(obj, scan)  # errors: MRIFaceError, recorded by the study
+    return probes
 
 
 def _rate_cols(prefix: str, summary: "Mapping | None") -> dict:
@@ -400,7 +409,7 @@ def evaluate_methods(source: "str | os.PathLike[str] | Any", *, out: "str | os.P
         study = None
         if name == BASELINE or volumes:
             probes = "protocol" if name == BASELINE else _defaced_probes(
-                name, volumes, {s for s, f in facts.items() if f.ok})
+                name, volumes, pipe, {s for s, f in facts.items() if f.ok})
             try:
                 study = run_study(inputs, out=child_path(out, "studies", safe_component(name), "scan-to-scan"),
                                   probes=probes, title=f"deface-eval: {name}, defaced scans vs original scans",
