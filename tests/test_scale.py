@@ -303,13 +303,14 @@ def test_ray_local_runtime_gives_the_local_tables_and_retries_a_killed_task(refe
     # the local (streaming) executor's tables; when this test runs alone, the sequential ones, which the
     # streaming test shows to be the same bytes
     local = getattr(reference, "local", reference.out)
-    ex = RayExecutor(num_cpus=2)
+    ex = RayExecutor(num_cpus=2, batch_scans=3)  # the actor gets scans 3 at a time, with their 3 surface tasks
     out = tmp_path / "ray"
     r = run_study(reference.manifest, out=out, photos=reference.photos, views=3, size=32, progress=False,
                   pipeline=CheapPipeline(kill_once=marker), executor=ex)
     assert not ray.is_initialized()  # the runtime it started is stopped again
     assert marker.exists()  # a surface task's worker was killed mid-run ...
     assert ex.stats["computed_by_driver_fallback"] == 0  # ... and Ray retried the task
+    assert ex.stats["batch_scans"] == 3
     assert r.computed == 12 and not r.problems
     assert filecmp.cmp(local / "participants.csv", out / "participants.csv", shallow=False)
     _same_tables(reference.out, out)
