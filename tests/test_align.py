@@ -213,3 +213,36 @@ def test_skipping_fine_pyramid_levels_keeps_the_boxes(aligner):
     coarse = aligner.align([img])  # default detect_side=384 skips four levels
     torch.testing.assert_close(coarse.boxes, fine.boxes, atol=1e-3, rtol=0)
     torch.testing.assert_close(coarse.crops, fine.crops, atol=5e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_large_photo_is_detected_on_a_bounded_input_with_the_decoded_images_embedding(tmp_path):
+    """A 4000x3000 photograph: decoded at 1/2, MTCNN's levels at most detect_side long, and the
+    embedding that the full-size path gives for the decoded image (the only change is the decode)."""
+    from mriface.recognition import get_model
+    from mriface.recognition.align import _load
+
+    im = Image.open(datasets.fetch("obama")).convert("RGB")  # 910x1137, upscaled to 3000x4000
+    path = tmp_path / "large.jpg"
+    im.resize((3000, 4000), Image.BICUBIC).save(path, quality=92)
+    aligner = FaceAligner(device="cpu")
+    seen, levels = [], []
+    detect = aligner._detect
+    aligner._detect = lambda x: seen.append(tuple(x.shape)) or detect(x)
+    hook = aligner._mtcnn.pnet.register_forward_pre_hook(lambda m, a: levels.append(tuple(a[0].shape[-2:])))
+    try:
+        large = aligner.align([path])
+    finally:
+        hook.remove()
+    assert seen == [(1, 2000, 1500, 3)]  # decoded at 1/2 (JPEG draft), never at 3000x4000
+    assert levels and max(max(s) for s in levels) <= aligner.detect_side
+    decoded, k = _load(path, 0, aligner.decode_side)
+    assert k == 2
+    ref = FaceAligner(device="cpu", detect_side=None, decode_side=None).align([decoded])
+    assert large.found.all() and ref.found.all()
+    # boxes and landmarks in the file's pixels: twice those of the decoded image
+    torch.testing.assert_close(large.boxes, ref.boxes * 2, atol=1e-3, rtol=0)
+    torch.testing.assert_close(large.landmarks, ref.landmarks * 2, atol=1e-3, rtol=0)
+    model = get_model("facenet", device="cpu")
+    cos = float((model.embed(large) * model.embed(ref)).sum())
+    assert cos > 1 - 1e-6, cos

@@ -49,6 +49,17 @@ sample photographs). The smallest face found in a large image is then about
 in a 2000-px-long decoded photograph. Crops are cut from the decoded image.
 ``Alignment.boxes`` and ``landmarks`` are always in the pixels of the image as
 given (the file's full resolution, after its EXIF orientation).
+
+The size policy is the same for every photograph: what MTCNN and the crops
+read is under ``2 * decode_side`` pixels long (a 4000x3000 JPEG: 2000x1500),
+and MTCNN's largest level at most ``detect_side``. A photograph under
+``2 * decode_side`` (all the sample photographs) is read at full size, so its
+embedding is that of the full-size path; a larger one is resampled by the
+decoder, and no resampled path agrees with the full-size one better than the
+full-size path agrees with itself when the photograph is shifted by one pixel
+(FaceNet cosine down to 0.97: docs/recognition.md). Files and arrays are
+converted once, from uint8 to planar float memory, which detection and
+cropping share.
 """
 
 from __future__ import annotations
@@ -306,7 +317,12 @@ class FaceAligner:
         return max(1, min(self.batch_size, self.batch_pixels // max(1, h * w)))
 
     def _batches(self, images: object) -> "list[tuple[list[int], torch.Tensor, list[int]]]":
-        """Group the inputs into (indices, (B, H, W, 3) float 0..255 tensor, decode factors) of equal size."""
+        """Group the inputs into (indices, (B, H, W, 3) float 0..255 tensor, decode factors) of equal size.
+
+        Images from files and arrays come as views of planar (B, 3, H, W)
+        memory, converted from uint8 in one pass: detection and cropping read
+        that memory without copying a photograph again (see :func:`_planar`).
+        """
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise MRIFaceError(
@@ -328,8 +344,11 @@ class FaceAligner:
             step = self._per_batch(h, w)
             for j in range(0, len(members), step):
                 chunk = members[j:j + step]
-                x = torch.from_numpy(np.stack([a for _, a, _ in chunk])).float()
-                out.append(([i for i, _, _ in chunk], x, [k for _, _, k in chunk]))
+                x = torch.empty((len(chunk), 3, h, w), dtype=torch.float32)
+                for row, (_, a, _) in enumerate(chunk):
+                    a = a if a.flags.writeable else a.copy()  # torch.from_numpy warns on read-only memory
+                    x[row].copy_(torch.from_numpy(a).permute(2, 0, 1))
+                out.append(([i for i, _, _ in chunk], x.permute(0, 2, 3, 1), [k for _, _, k in chunk]))
         return out
 
     # ------------------------------------------------------------------ core
@@ -388,9 +407,11 @@ class FaceAligner:
         if self.detect_side is not None and first > self.detect_side:
             steps = math.ceil(math.log(first / self.detect_side) / -math.log(mt.factor) - 1e-9)
             minsize = minsize / mt.factor ** steps
-            # only here, so that smaller images keep today's exact arithmetic (planar memory changes
-            # the resampling's summation order: about 1e-6 in an embedding)
-            x = _planar(x)
+            x = _planar(x)  # no copy when x is a view of planar memory (files and arrays: _batches)
+        else:
+            # channels-last memory here, so that smaller images keep their exact arithmetic (planar
+            # memory changes the resampling's summation order: about 1e-6 in an embedding)
+            x = x.contiguous()
         batch_boxes, batch_points = detect_face(x, minsize, mt.pnet, mt.rnet, mt.onet, mt.thresholds,
                                                 mt.factor, self.device)
         boxes, probs, points = [], [], []
@@ -451,9 +472,10 @@ class FaceAligner:
                 marks[idx[row]] = torch.as_tensor(pt * factors[row], dtype=torch.float32)
             if not keep_rows:
                 continue
-            sel = torch.as_tensor(keep_rows, device=self.device)
             dest = torch.as_tensor([idx[r] for r in keep_rows])
-            img = x[sel].permute(0, 3, 1, 2).contiguous()
+            img = x.permute(0, 3, 1, 2).contiguous()  # no copy for files and arrays (planar already)
+            if len(keep_rows) < len(idx):
+                img = img[torch.as_tensor(keep_rows, device=self.device)]
             kb = torch.as_tensor(np.stack(keep_boxes), dtype=torch.float32, device=self.device)
             kp = torch.as_tensor(np.stack(keep_points), dtype=torch.float64, device=self.device)
             raw: dict[tuple[int, str], torch.Tensor] = {}  # one resampling per geometry, shared by normalisations

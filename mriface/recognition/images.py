@@ -24,6 +24,8 @@ __all__ = ["load_image", "MAX_IMAGE_PIXELS"]
 #: most pixels an image may have once decoded (after any decode-time reduction): 80 megapixels,
 #: about 240 MB as 8-bit RGB and 1 GB as the float tensor MTCNN reads. Checked from the header.
 MAX_IMAGE_PIXELS = 80_000_000
+#: EXIF tag of the orientation (1 = upright)
+_ORIENTATION = 0x0112
 
 
 def _to_rgb8(im: "object") -> np.ndarray:
@@ -47,7 +49,8 @@ def _to_rgb8(im: "object") -> np.ndarray:
             a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    # an RGB image needs no convert(), which would copy it once more (a 4000x3000 photo is 36 MB)
+    return np.array(im if mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _load(item: object, index: int, decode_side: "int | None",
@@ -71,7 +74,9 @@ def _load(item: object, index: int, decode_side: "int | None",
                         f"image {path} is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels), over mriface's limit "
                         f"of {max_pixels / 1e6:.0f} megapixels decoded: downscale it (or give a JPEG, "
                         "which is decoded reduced)")
-                arr = _to_rgb8(ImageOps.exif_transpose(im))  # phones store sideways pictures with a tag
+                # phones store sideways pictures with a tag; exif_transpose copies even an upright image
+                turned = im.getexif().get(_ORIENTATION, 1) in range(2, 9)  # the values exif_transpose acts on
+                arr = _to_rgb8(ImageOps.exif_transpose(im) if turned else im)
             k2 = k // kd
             if k2 > 1:  # formats without draft: integer box reduction after decoding
                 arr = np.asarray(Image.fromarray(arr).reduce(k2))
