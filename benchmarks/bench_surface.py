@@ -233,7 +233,7 @@ _STEPS = {
               ("extract", "vertex_normals_np"), ("extract", "estimate_face_frame")],
     "torch": [("masks_torch", "_block_mean_torch"), ("masks_torch", "estimate_threshold_torch"),
               ("masks_torch", "_head_masks_torch"), ("extract", "_field_torch"), ("extract", "_iso_surface"),
-              ("extract", "_largest_component"), ("extract", "vertex_normals_np"),
+              ("mesh_torch", "_largest_component_torch"), ("mesh_torch", "vertex_normals_torch_f64"),
               ("frame_torch", "estimate_face_frame_torch")],
 }
 

@@ -13,6 +13,7 @@ import torch
 from scipy import ndimage as ndi
 
 from mriface import extract_head_surface, load_volume
+from mriface.surface import mesh_topology
 from mriface.surface.frame import estimate_face_frame
 from mriface.surface.frame_torch import estimate_face_frame_torch
 from mriface.surface.masks import _block_factors, _block_mean, _fill_holes, _head_masks, estimate_threshold
@@ -117,6 +118,22 @@ def test_torch_masks_match_numpy_on_phantom():
     _mask_check(vol)
 
 
+def test_torch_masks_match_numpy_with_a_head_rest():
+    """A CT head in a plastic cradle on a table: the torch engine finds the rest too (its check runs on the host)."""
+    from phantoms import HeadRest, ct_head_phantom
+
+    vol, _ = ct_head_phantom((1.2, 1.2, 1.5), rest=HeadRest())
+    k = _block_factors(vol.zooms, 2.0)
+    coarse = _block_mean(vol.data, k)
+    est = estimate_threshold(vol, _coarse=(coarse, k))
+    m = _head_masks(vol, est, 2.0, coarse)
+    mt = _head_masks_torch(vol, est, 2.0, _block_mean_torch(torch.from_numpy(vol.data), k))
+    assert m.rest is not None and mt.rest is not None
+    assert np.array_equal(mt.rest.rest, m.rest.rest) and np.array_equal(mt.rest.zone, m.rest.zone)
+    for name in ("head", "interior", "exterior"):
+        assert np.array_equal(getattr(mt, name).numpy(), getattr(m, name)), name
+
+
 def test_torch_frame_matches_numpy_on_the_same_mesh(voxface_surface):
     s = voxface_surface
     a = estimate_face_frame(s.verts, s.faces)
@@ -143,6 +160,34 @@ def test_brute_force_nearest_neighbours_match_kdtree():
     d_got = np.linalg.norm(q.reshape(-1, 3) - pts[got], axis=1)
     d_want = np.linalg.norm(q.reshape(-1, 3) - pts[want], axis=1)
     assert np.mean(got == want) > 0.999 and np.allclose(d_got, d_want, atol=1e-3)
+
+
+def _pieces():
+    """A marching-cubes mesh in several pieces: two balls of different size and a speck."""
+    from skimage.measure import marching_cubes
+
+    g = np.mgrid[:40, :30, :30].astype(np.float32)
+    d = np.minimum.reduce([np.linalg.norm(g - np.array(c, np.float32)[:, None, None, None], axis=0) - r
+                           for c, r in (((10, 15, 15), 7.0), ((29, 15, 15), 5.5), ((36, 4, 4), 1.2))])
+    v, f, _, _ = marching_cubes(-d, 0.0)
+    return v.astype(np.float32), f.astype(np.int64)
+
+
+def test_mesh_steps_match_numpy():
+    from mriface.surface.mesh import _largest_component, _outward, vertex_normals_np
+    from mriface.surface.mesh_torch import _largest_component_torch, _outward_torch, vertex_normals_torch_f64
+
+    v, f = _pieces()
+    assert mesh_topology(f)["components"] == 3
+    want_v, want_f = _largest_component(v, f)
+    got_v, got_f = _largest_component_torch(torch.from_numpy(v), torch.from_numpy(f))
+    # the same faces and vertices in the same order
+    assert np.array_equal(got_v.numpy(), want_v) and np.array_equal(got_f.numpy(), want_f)
+    for faces in (want_f, want_f[:, ::-1].copy()):
+        assert _outward_torch(torch.from_numpy(want_v), torch.from_numpy(faces)) == _outward(want_v, faces)
+    n_np = vertex_normals_np(want_v, want_f)
+    n_t = vertex_normals_torch_f64(torch.from_numpy(want_v), torch.from_numpy(want_f)).numpy()
+    assert n_t.dtype == np.float32 and np.abs(n_t - n_np).max() < 1e-6
 
 
 @pytest.mark.gpu

@@ -36,10 +36,12 @@ def _resolve_engine(engine: str, dev) -> str:
 
 
 def _iso_surface(field, level: float, engine: str):
-    """Marching cubes on a work-grid field -> numpy (verts in padded work index units, faces)."""
+    """Marching cubes on a work-grid field -> (verts in padded work index units, faces).
+
+    numpy arrays for the numpy engine; tensors on the field's device for torch.
+    """
     if engine == "torch":
-        v, f = marching_cubes_torch(field, level)
-        return v.cpu().numpy().astype(np.float32), f.cpu().numpy().astype(np.int64)
+        return marching_cubes_torch(field, level)
     return _marching_cubes_np(field, level)
 
 
@@ -213,6 +215,11 @@ def extract_head_surface(
     del inner, outer
     if masks.rest is not None:
         _cap_rest(field, masks, grid, level, hi_val - lo_val, h, eng)
+    if eng == "torch":
+        # the mesh stays on the device until the frame is found (mesh_torch.py, frame_torch.py)
+        from .mesh_torch import _largest_component_torch as largest
+    else:
+        largest = _largest_component
     verts, faces = _iso_surface(field, level, eng)
     scale = 1.0
     if target_faces is not None and faces.shape[0] > target_faces:
@@ -220,13 +227,15 @@ def extract_head_surface(
         for _ in range(3):
             scale *= float(np.sqrt(faces.shape[0] / target_faces)) * 1.02
             verts, faces = _iso_surface(_decimated_field(field, scale, eng, lo_val), level, eng)
-            verts, faces = _largest_component(verts, faces)
+            verts, faces = largest(verts, faces)
             if faces.shape[0] <= target_faces:
                 break
         verts = (verts - 1.0) * scale + 1.0  # back to the padded work grid
     if faces.shape[0] == 0:
         raise SurfaceError(f"{volume.name}: no surface at threshold {level:g}")
-    verts, faces = _largest_component(verts, faces)
+    verts, faces = largest(verts, faces)
+    if eng == "torch":
+        return _finish_torch(verts, faces, grid, volume, mesh_smooth_iters)
     # padded work index -> original voxel index -> world mm
     vox = grid.lo + (verts.astype(np.float64) - 1.0) * grid.step
     # einsum, not `@`: a BLAS call for an (N, 3) x (3, 3) product is ~8x
@@ -238,13 +247,33 @@ def extract_head_surface(
         world = taubin_smooth(world, faces, mesh_smooth_iters)
     world = world.astype(np.float32)
     normals = vertex_normals_np(world, faces)
-    if eng == "torch":
-        # the frame's point statistics on the device (the mesh is small next to the volume)
-        import torch
-
-        from .frame_torch import estimate_face_frame_torch
-
-        frame = estimate_face_frame_torch(torch.from_numpy(world).to(dev), torch.from_numpy(faces).to(dev))
-    else:
-        frame = estimate_face_frame(world, faces)
+    frame = estimate_face_frame(world, faces)
     return HeadSurface(verts=world, faces=np.ascontiguousarray(faces, dtype=np.int64), normals=normals, frame=frame)
+
+
+def _finish_torch(verts, faces, grid, volume: Volume, mesh_smooth_iters: int) -> HeadSurface:
+    """The torch engine's last steps on the device: world mm, winding, normals, frame; then the mesh comes out.
+
+    ``verts`` (V, 3) float32 padded work indices and ``faces`` (F, 3) int64 of the
+    largest piece, tensors on the field's device. Taubin smoothing (off by
+    default) is the one step that runs on the host (a round trip of the mesh).
+    """
+    import torch
+
+    from .frame_torch import estimate_face_frame_torch
+    from .mesh_torch import _outward_torch, vertex_normals_torch_f64
+
+    dev = verts.device
+    f64 = {"dtype": torch.float64, "device": dev}
+    vox = torch.as_tensor(grid.lo, **f64) + (verts.double() - 1.0) * torch.as_tensor(grid.step, **f64)
+    world = vox @ torch.as_tensor(volume.affine[:3, :3], **f64).T + torch.as_tensor(volume.affine[:3, 3], **f64)
+    if not _outward_torch(world, faces):
+        faces = faces.flip(1).contiguous()
+    if mesh_smooth_iters > 0:
+        smoothed = taubin_smooth(world.cpu().numpy(), faces.cpu().numpy(), mesh_smooth_iters)
+        world = torch.from_numpy(smoothed).to(dev)
+    world = world.float()
+    normals = vertex_normals_torch_f64(world, faces)
+    frame = estimate_face_frame_torch(world, faces)
+    return HeadSurface(verts=world.cpu().numpy(), faces=np.ascontiguousarray(faces.cpu().numpy(), dtype=np.int64),
+                       normals=normals.cpu().numpy(), frame=frame)

@@ -5,7 +5,7 @@ Used by :func:`~mriface.surface.extract_head_surface` when ``engine="torch"``
 masks never come back. Same steps and parameters as :mod:`.masks`; the binary
 morphology is done by shifted slices (scipy's default cross-shaped structure,
 iterated), connected components and hole filling by hook-and-compress labelling
-(:func:`_label`). Block means are the same float32 additions in the same
+(:func:`_roots`, :func:`_label`). Block means are the same float32 additions in the same
 order, so the coarse grid is bit-identical to numpy's; medians, percentiles
 and Otsu's threshold agree to float rounding, so a voxel whose block mean
 lies within rounding of a level may land on the other side (the tests bound
@@ -93,22 +93,47 @@ def _erode(x, iterations: int = 1, border_value: int = 0):
 
 
 # ---------------------------------------------------------------- connected components
+def _roots(n: int, ea, eb):
+    """Connected components of a graph on nodes ``0..n-1`` with edges ``(ea[i], eb[i])``.
+
+    Returns an int64 tensor (n,): each node's component root, the smallest
+    node in its component. Hook and compress (Shiloach-Vishkin): each node
+    points to a parent with a smaller index; every round, for each edge whose
+    ends' roots differ, the larger root is hooked under the smaller (a
+    scatter-min), and then the pointers are jumped until each points at its
+    root. Rounds grow with the log of a component's size, not with its
+    diameter, and each is a few gathers and one scatter: fast on a GPU.
+    """
+    import torch
+
+    parent = torch.arange(n, device=ea.device, dtype=torch.int64)
+    while ea.numel():
+        ra, rb = parent[ea], parent[eb]
+        split = torch.nonzero(ra != rb).reshape(-1)
+        if not split.numel():
+            break
+        # only edges still split need looking at again (trees only ever merge)
+        ea, eb, ra, rb = ea[split], eb[split], ra[split], rb[split]
+        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+        while True:  # compress: every pointer to its root
+            nxt = parent[parent]
+            if torch.equal(nxt, parent):
+                break
+            parent = nxt
+    return parent
+
+
 def _label(mask, axes=(0, 1, 2)):
     """Connected components of ``mask`` (6-neighbour, or 4-neighbour within slices: ``axes``).
 
     Every voxel of a component gets the same label (1 + the smallest rank,
-    in flat order among the mask's voxels, of its voxels); background is 0. Hook and compress (Shiloach-Vishkin): each
-    voxel points to a parent with a smaller index; every round, for each pair
-    of neighbours whose roots differ, the larger root is hooked under the
-    smaller (a scatter-min), and then the pointers are jumped until each
-    points at its root. Rounds grow with the log of a component's size, not
-    with its diameter, and each is a few gathers and one scatter: fast on a
-    GPU, and seconds at most on a CPU for a coarse head grid.
+    in flat order among the mask's voxels, of its voxels); background is 0.
+    The mask's voxels are the nodes and neighbouring pairs the edges of
+    :func:`_roots`.
     """
     import torch
 
     shape = mask.shape
-    dev = mask.device
     # work on the mask's voxels only, numbered 0..n-1 in flat order (ids: flat -> voxel number)
     ids = torch.cumsum(mask.reshape(-1), 0, dtype=torch.int64).reshape(shape) - 1
     n = int(ids.reshape(-1)[-1]) + 1 if mask.numel() else 0
@@ -121,23 +146,9 @@ def _label(mask, axes=(0, 1, 2)):
         at = torch.nonzero((mask.narrow(ax, 0, size - 1) & mask.narrow(ax, 1, size - 1)).reshape(-1)).reshape(-1)
         ea.append(ids.narrow(ax, 0, size - 1).reshape(-1)[at])
         eb.append(ids.narrow(ax, 1, size - 1).reshape(-1)[at])
-    parent = torch.arange(n, device=dev, dtype=torch.int64)
-    if ea:
-        ea_t, eb_t = torch.cat(ea), torch.cat(eb)
-        while ea_t.numel():
-            ra, rb = parent[ea_t], parent[eb_t]
-            split = torch.nonzero(ra != rb).reshape(-1)
-            if not split.numel():
-                break
-            # only pairs still split need looking at again (trees only ever merge)
-            ea_t, eb_t, ra, rb = ea_t[split], eb_t[split], ra[split], rb[split]
-            parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
-            while True:  # compress: every pointer to its root
-                nxt = parent[parent]
-                if torch.equal(nxt, parent):
-                    break
-                parent = nxt
-    return torch.where(mask, (parent + 1)[ids.clamp(min=0)], 0)
+    empty = torch.zeros(0, dtype=torch.int64, device=mask.device)
+    root = _roots(n, torch.cat(ea) if ea else empty, torch.cat(eb) if eb else empty)
+    return torch.where(mask, (root + 1)[ids.clamp(min=0)], 0)
 
 
 def _largest(mask):
