@@ -12,8 +12,8 @@ from .._io import write_bytes_atomic, write_text_atomic
 from ..errors import MRIFaceError
 from .config import _PROTOCOLS, Cohort, CohortConfig
 from .facemodel import BFM_LICENCE, GENERATOR_VERSION, load_face_model
-from .photos import _photo_params, _png_bytes, _render_photos
-from .scans import _acquire, _face_in_head, _graft, _identity, _nifti_bytes, _rng, _session, _template
+from .photos import _appearance, _photo_params, _png_bytes, _render_photos
+from .scans import _acquire, _face_in_head, _graft, _identity, _nifti_bytes, _occupancy, _rng, _session, _template
 
 
 # ----------------------------------------------------------------------------- the cohort
@@ -59,9 +59,10 @@ def _make_participant(i: int, seed: int, cfg: CohortConfig, root: Path, sessions
     sid = subject_id(i)
     rec = {"subject": sid, "index": i, **{k: v for k, v in ident.items()},
            "face_scale_to_template": t.face_scale, "sessions": []}
+    occ = _occupancy(head)  # where the head is: the same for both sessions
     for s in range(sessions):
         ses = _session(_rng(seed, i, 1 + s), cfg)
-        data, affine = _acquire(t, head, face, ident, ses)
+        data, affine = _acquire(t, head, face, ident, ses, occ)
         rel = f"scans/{sid}_ses-{s + 1}.nii.gz"
         write_bytes_atomic(root / rel, _nifti_bytes(data, affine))
         rec["sessions"].append({"file": rel, "shape": list(data.shape),
@@ -72,7 +73,9 @@ def _make_participant(i: int, seed: int, cfg: CohortConfig, root: Path, sessions
         # the photographed face is the scanned one (same scale per axis), so photo and scan agree
         c = face.mean(0)
         face_photo = (face - c) * np.asarray(ident["head_scale"])[None, :] + c
-        imgs = _render_photos(model, face_photo, {**ident, "face_scale": t.face_scale}, pp, int(cfg.photo_size))
+        app = _appearance(_rng(seed, i, 4))
+        rec["appearance"] = app
+        imgs = _render_photos(model, face_photo, {**app, "face_scale": t.face_scale}, pp, int(cfg.photo_size))
         for k in range(len(imgs)):
             write_bytes_atomic(root / "photos" / sid / f"{sid}_photo-{k + 1}.png", _png_bytes(imgs[k]))
         rec["photos"] = pp

@@ -17,13 +17,15 @@ class CohortConfig:
     Attributes
     ----------
     identity_sd : float
-        Identity coefficients are normal with this many standard deviations
-        of the 3DDFA fits' coefficient spread (truncated at 3 before scaling).
-        The fits are regularised, so their spread understates people's: at 1
-        the faces move 1.5-3 mm rms from the mean and FaceNet tells photos of
-        different participants from the same one poorly (median cosine 0.73
-        between, 0.81 within); at 2 (default) they move 3-6 mm, about the
-        spread of real faces, and the medians are 0.65 and 0.81.
+        Identity coefficients are standard normal, truncated at +-2.5, times
+        this many standard deviations of the 3DDFA fits' coefficient spread.
+        The fits are regularised, so their spread understates people's, and
+        FaceNet found photographs of different participants too alike at 1
+        (median cosine 0.73 between participants, 0.81 within) and at 2
+        (0.66 and 0.82, before the scalp, hair and skin detail of generator
+        2). At 2.5 (default) the faces move 4-9 mm rms from the mean face
+        (5-95 %; 3-7 mm at 2, 5-11 mm at 3, which looks caricatured at the
+        tails); see docs/synthetic.md for the figures.
     templates : tuple of str
         Average heads (sample keys) a participant's head is drawn from.
     head_scale : (float, float)
@@ -51,7 +53,7 @@ class CohortConfig:
         Expression strength per photograph, in expression-coefficient sd.
     """
 
-    identity_sd: float = 2.0
+    identity_sd: float = 2.5
     templates: tuple = ("pydeface", "voxface")
     head_scale: tuple = (0.93, 1.07)
     tilt_deg: tuple = (-15.0, 15.0)

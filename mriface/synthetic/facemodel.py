@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import DataUnavailableError
 
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 BFM_LICENCE = (
     "The face model is the 3DDFA basis bfm_noneck_v3.pkl (Guo et al., 3DDFA_V2), derived from the "
