@@ -26,6 +26,11 @@ class CohortConfig:
         2). At 2.5 (default) the faces move 4-9 mm rms from the mean face
         (5-95 %; 3-7 mm at 2, 5-11 mm at 3, which looks caricatured at the
         tails); see docs/synthetic.md for the figures.
+    feature_mm : float
+        SD (mm) of local shape features the model's 40 components do not
+        span: smooth bumps (Gaussian, 8-22 mm radius) moving the nose tip and
+        bridge, chin, cheekbones, jaw angles, brow ridge, lips and nostril
+        wings, paired features mirror-symmetrically (half of it sideways).
     templates : tuple of str
         Average heads (sample keys) a participant's head is drawn from.
     head_scale : (float, float)
@@ -54,6 +59,7 @@ class CohortConfig:
     """
 
     identity_sd: float = 2.5
+    feature_mm: float = 3.0
     templates: tuple = ("pydeface", "voxface")
     head_scale: tuple = (0.93, 1.07)
     tilt_deg: tuple = (-15.0, 15.0)

@@ -226,12 +226,38 @@ def _identity(model: FaceModel, cfg: CohortConfig, seed: int, i: int) -> dict:
         "alpha": alpha,
         "template": cfg.templates[int(rng.integers(len(cfg.templates)))],
         "head_scale": rng.uniform(*cfg.head_scale, size=3),
+        # features beyond the model's 40 components: (N, 3) mm displacement of each of _FEATURES
+        "features_mm": rng.standard_normal((len(_FEATURES), 3)) * np.asarray(cfg.feature_mm, np.float64)
+        * np.array([[0.5, 1.0, 1.0]]),
     }
+
+
+#: where the local shape features sit (iBUG landmarks; a pair is mirrored) and their radius, mm:
+#: nose tip, nose bridge, chin, cheekbones, jaw angles, brow ridge, upper and lower lip, nostril wings
+_FEATURES = (((30,), 14.0), ((27,), 14.0), ((8,), 20.0), ((1, 15), 22.0), ((4, 12), 22.0), ((19, 24), 18.0),
+             ((51,), 10.0), ((57,), 10.0), ((31, 35), 8.0))
+
+
+def _features(model: FaceModel, v: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    """(V, 3) smooth local displacements: a Gaussian bump of ``disp[k]`` mm at each feature of :data:`_FEATURES`.
+
+    Pairs move mirror-symmetrically (x flipped), so faces stay symmetric.
+    """
+    out = np.zeros_like(v)
+    for (lms, r), d in zip(_FEATURES, np.asarray(disp, np.float64)):
+        for j, li in enumerate(lms):
+            c = v[model.landmarks[li]]
+            dj = d * np.array([-1.0 if j else 1.0, 1.0, 1.0])
+            out += np.exp(-((v - c) ** 2).sum(1) / (2 * r * r))[:, None] * dj[None, :]
+    return out
 
 
 def _face_in_head(model: FaceModel, t: _Template, ident: dict) -> np.ndarray:
     """The participant's neutral face (V, 3) in the template's world space."""
-    return t.face_scale * model.shape(ident["alpha"]) + t.face_offset
+    v = model.shape(ident["alpha"])
+    if "features_mm" in ident:
+        v = v + _features(model, v, ident["features_mm"])
+    return t.face_scale * v + t.face_offset
 
 
 def _graft(t: _Template, face: np.ndarray, faces: np.ndarray) -> np.ndarray:
