@@ -25,6 +25,8 @@ export MKL_ENABLE_INSTRUCTIONS=AVX2
 # numpy 2.x names (np.show_runtime() "found"); a name numpy does not know is ignored with a warning
 export NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 export OPENBLAS_CORETYPE=Zen
+# a marker for benchmarks: /proc/cpuinfo still lists avx512f under this emulation
+export MRIFACE_EMULATED_ISA=AVX2
 
 if [[ "${1:-}" == "--check" ]]; then
     PY="${PYTHON:-.venv/bin/python}"
