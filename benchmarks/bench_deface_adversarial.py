@@ -24,7 +24,7 @@ import torch
 from benchmarks._common import machine_info, sync, write_json
 
 QUICK_ARGS = ["--steps", "1", "--rounds", "1", "--views", "2", "--image-size", "128", "--target-faces", "20000",
-              "--check-views", "2", "--random-weights", "--model", "facenet", "--no-verify",
+              "--check-views", "2", "--check-size", "128", "--random-weights", "--model", "facenet", "--no-verify",
               "--json", "benchmarks/out/deface-adversarial-quick.json"]
 
 
@@ -57,9 +57,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=192)
     ap.add_argument("--check-views", type=int, default=10)
+    ap.add_argument("--check-size", type=int, default=512)
     ap.add_argument("--target-faces", type=int, default=None)
-    ap.add_argument("--target-similarity", type=float, default=None,
-                    help="impostor level to get below (default: the model's IMPOSTOR_SIMILARITY)")
+    ap.add_argument("--margin", type=float, default=0.05,
+                    help="own similarity to be below the impostor references' by this much (cosine)")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--profile", default=None, help="write cProfile stats (CPU time) here and print the top")
     ap.add_argument("--json", default="benchmarks/out/deface-adversarial.json")
@@ -75,8 +76,8 @@ def main(argv=None) -> dict:
     vol = load_volume(datasets.fetch(a.head))
     ctx, how = _context(vol, dev)
     model = get_model(a.model, device=dev, random_weights=a.random_weights)
-    # random weights give a random target: stop by steps only
-    target = -2.0 if a.random_weights else a.target_similarity
+    # random weights give a random target: stop by steps only (a margin no render reaches)
+    margin = 3.0 if a.random_weights else a.margin
     prof = None
     if a.profile:
         import cProfile
@@ -88,8 +89,9 @@ def main(argv=None) -> dict:
     if prof:
         prof.enable()
     _, _, info = adversarial_face(vol, ctx, model=model, steps=a.steps, rounds=a.rounds, views=a.views,
-                                  image_size=a.image_size, check_views=a.check_views, target_faces=a.target_faces,
-                                  target_similarity=target, device=dev, verify=not a.no_verify)
+                                  image_size=a.image_size, check_views=a.check_views, check_size=a.check_size,
+                                  target_faces=a.target_faces,
+                                  margin=margin, device=dev, verify=not a.no_verify)
     sync(dev)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof:

@@ -49,7 +49,7 @@ class ToyFaceModel(torch.nn.Module):
 register_model("toy-adversarial", lambda **kw: ToyFaceModel(), replace=True)
 
 FAST = dict(model="toy-adversarial", steps=4, views=2, batch_views=2, image_size=96, device="cpu", lr=0.5,
-            target_faces=20000)
+            target_faces=20000, rounds=1, check_views=2, check_size=96, impostor_views=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,9 @@ def test_face_changes_brain_is_byte_identical_and_bound_holds(phantom, context, 
 def test_optimisation_lowers_own_identity_similarity(result):
     info = result.info
     assert info["similarity_to_identity_end"] < info["similarity_to_identity_start"] - 0.02, info
+    # the rank-aware objective had impostor references (the average heads), and the written-back volume was checked
+    assert info["impostors"] and all(-1 <= r["similarity_to_original"] <= 1 for r in info["impostors"])
+    assert info["checks"] and info["checks"][-1]["views"] == 2
     # the volume carries the edit: its re-extracted skin sits nearer the optimised skin than the original
     v = info["verify"]
     assert v["moved_vertices_reextracted_to_optimised_mm_median"] < v["moved_vertices_reextracted_to_original_mm_median"]

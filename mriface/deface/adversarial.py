@@ -48,7 +48,7 @@ from ..volume import Volume
 from .core import DefaceContext, DefaceError, register_method
 
 __all__ = ["adversarial_face", "vertex_face_weight", "warp_volume_near_skin", "smoothing_operator",
-           "IMPOSTOR_SIMILARITY", "DEFAULT_IMPOSTOR_SIMILARITY"]
+           "DEFAULT_IMPOSTORS", "SAME_FACE_SIMILARITY", "DEFAULT_IMPOSTOR_SIMILARITY"]
 
 
 def vertex_face_weight(volume: Volume, region: np.ndarray, verts: np.ndarray, ramp_mm: float) -> np.ndarray:
@@ -73,14 +73,20 @@ def vertex_face_weight(volume: Volume, region: np.ndarray, verts: np.ndarray, ra
 
 def smoothing_operator(faces: np.ndarray, n_verts: int, device) -> torch.Tensor:
     """Sparse (V, V) row-normalised averaging over each vertex and its mesh neighbours."""
+    import warnings
+
     f = torch.as_tensor(np.asarray(faces, np.int64))
     i = torch.cat([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0], torch.arange(n_verts)])
     j = torch.cat([f[:, 1], f[:, 2], f[:, 0], f[:, 0], f[:, 1], f[:, 2], torch.arange(n_verts)])
-    a = torch.sparse_coo_tensor(torch.stack([i, j]), torch.ones(len(i)), (n_verts, n_verts), check_invariants=False).coalesce()
-    a = torch.sparse_coo_tensor(a.indices(), torch.ones_like(a.values()), a.shape, check_invariants=False).coalesce()  # 0/1 adjacency
-    deg = torch.sparse.sum(a, 1).to_dense()
-    vals = a.values() / deg[a.indices()[0]]
-    return torch.sparse_coo_tensor(a.indices(), vals, a.shape, check_invariants=False).coalesce().to(device)
+    with warnings.catch_warnings():  # indices built here are valid: torch's note on skipped checks is noise
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        a = torch.sparse_coo_tensor(torch.stack([i, j]), torch.ones(len(i)), (n_verts, n_verts),
+                                    check_invariants=False).coalesce()
+        a = torch.sparse_coo_tensor(a.indices(), torch.ones_like(a.values()), a.shape,
+                                    check_invariants=False).coalesce()  # 0/1 adjacency
+        deg = torch.sparse.sum(a, 1).to_dense()
+        vals = a.values() / deg[a.indices()[0]]
+        return torch.sparse_coo_tensor(a.indices(), vals, a.shape, check_invariants=False).coalesce().to(device)
 
 
 def warp_volume_near_skin(volume: Volume, region: np.ndarray, verts: np.ndarray, normals: np.ndarray,
@@ -235,14 +241,59 @@ def _frame_landmarks(frame, cams, image_size: int) -> torch.Tensor:
     return cams.to(cams.R.device, torch.float64).project(p, image_size).to(torch.float32).cpu()
 
 
-#: Cosine similarity between a render of one sample head and the best-matching render of another
-#: (mean over the 12 ordered pairs of the four sample heads; probe protocol seed 1 vs gallery seed 0,
-#: 10 renders of 512 px, embree, MTCNN crops): the level an impostor reaches with each face model.
-#: The method pushes the person's own best-match similarity below it (minus ``margin``), so that in the
-#: scan-to-scan study the defaced scan scores like a stranger. Measured 2026-11-28 (docs/deidentification.md).
-IMPOSTOR_SIMILARITY = {"facenet": 0.65, "arcface-mbf": 0.42, "sface": 0.51}
-#: the impostor level assumed for a face model not in :data:`IMPOSTOR_SIMILARITY`
+#: Default impostor references: the two population-average heads that ship on the index
+#: (pydeface 2.1.0's and voxface's ConteCore2), sample keys of :func:`mriface.datasets.fetch`.
+DEFAULT_IMPOSTORS = ("pydeface", "voxface")
+#: An impostor reference whose renders match the scan's own original renders this closely
+#: (mean best-match cosine) is the same face (the scan *is* that average head): it is left out.
+SAME_FACE_SIMILARITY = 0.9
+#: The goal when no impostor reference is usable (no face found in its renders): cosine to own renders.
 DEFAULT_IMPOSTOR_SIMILARITY = 0.3
+
+_IMPOSTOR_CACHE: dict = {}
+
+
+def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, backend: str, device) -> torch.Tensor:
+    """(K, D) embeddings of renders of an impostor head (a sample key or a Volume) under random views.
+
+    The renders do not depend on the scan being defaced (cameras are placed in each head's own
+    face frame), so they are computed once per process for a sample key, face model and protocol.
+    """
+    from .. import datasets
+    from ..recognition import FaceAligner
+    from ..render import RenderProtocol, render_views
+    from ..surface import extract_head_surface
+    from ..volume import load_volume
+
+    ident = (key, getattr(emb, "name", None), json_id(emb), int(views), int(size), int(seed), backend, str(device)) \
+        if isinstance(key, str) else None
+    if ident is not None and ident in _IMPOSTOR_CACHE:
+        return _IMPOSTOR_CACHE[ident]
+    vol = load_volume(datasets.fetch(key)) if isinstance(key, str) else key
+    surf = extract_head_surface(vol, device=device)
+    imgs = render_views({"impostor": surf}, RenderProtocol(views=int(views), image_size=int(size), seed=int(seed)),
+                        backend=backend, device=device).images
+    al = FaceAligner(device=device, crops=(emb.crop,)).align(imgs.cpu())
+    found = torch.as_tensor(np.asarray(al.found, bool))
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(embed(al.crop_for(emb.crop)[found].to(device)).float(), dim=1) \
+            if found.any() else torch.zeros((0, 1))
+    if ident is not None:
+        if len(_IMPOSTOR_CACHE) > 16:
+            _IMPOSTOR_CACHE.clear()
+        _IMPOSTOR_CACHE[ident] = e
+    return e
+
+
+def json_id(emb) -> str:
+    """A stable text id of a face model (its ``model_id()`` when it has one)."""
+    import json
+
+    mid = getattr(emb, "model_id", None)
+    try:
+        return json.dumps(mid() if callable(mid) else mid, sort_keys=True, default=str)
+    except Exception:  # noqa: BLE001 - an id that cannot be written is only a cache miss
+        return repr(id(emb))
 
 
 def _submesh_smoothing(faces: np.ndarray, keep: np.ndarray, device) -> "tuple[torch.Tensor, np.ndarray]":
@@ -285,31 +336,36 @@ def _onet_logit(aligner, boxes: torch.Tensor):
 
 def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement_mm: float = 4.0,
                      model: "str | object" = "facenet", weights=None, random_weights: bool = False,
-                     steps: int = 8, rounds: int = 2, target_similarity: "float | None" = None, margin: float = 0.05,
+                     steps: int = 8, rounds: int = 2, impostors=DEFAULT_IMPOSTORS, impostor_views: int = 10,
+                     margin: float = 0.05,
                      views: int = 8, batch_views: int = 4, image_size: int = 192, lr: float = 0.3,
                      smooth_iters: int = 10, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
                      detect_weight: float = 0.2, face_logit: float = 4.6, shell_mm: "float | None" = None,
                      seed: "int | None" = None, device="auto", backend: str = "auto",
-                     check_views: int = 10, check_size: int = 256, min_detect: float = 0.9,
+                     check_views: int = 10, check_size: int = 512, min_detect: float = 0.9,
                      target_faces: "int | None" = None, verify: bool = True, info: "dict | None" = None):
-    """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for a stranger.
+    """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for someone else.
 
-    The objective, per render of a random view: the cosine similarity of its
-    embedding to the best-matching render of the original head (other views
-    of the pool: what a gallery of the original scan offers the study's
-    "max over the subject's renders" score), pushed below the impostor level
-    of the face model (:data:`IMPOSTOR_SIMILARITY` minus ``margin``; a hinge,
-    so that renders already there are left alone), plus a hinge that keeps
-    MTCNN's final stage (O-net) confident of a face in the box where it
-    found one on the original render, plus a smoothness penalty. Each round
-    of ``steps`` Adam steps is followed by a check of the *written-back
-    volume*: its surface is re-extracted (as any study does), rendered under
-    ``check_views`` new views (seed + 2, ``check_size`` px, the render
-    protocol's ranges) and run through MTCNN and the face model. If MTCNN
-    (p >= 0.95) finds a face in fewer than ``min_detect`` of them, the
-    displacement is scaled back (x 0.7, at most twice); if the similarity is
-    not yet below the target, the next round pushes further (the goal
-    lowered by the shortfall).
+    The objective, per render of a random view, is a margin between two
+    cosine similarities of its embedding: to the best-matching render of the
+    original head (other views of the pool: what a gallery holding the
+    original scan offers the study's "max over the subject's renders" score)
+    and to the best-matching render of an *impostor reference* (other faces:
+    by default the two population-average heads on the index, rendered under
+    random views; one that is the scan's own face, such as the average head
+    defaced itself, is left out). The own similarity is pushed below the
+    impostor's by ``margin`` (a hinge: renders already there are left alone):
+    pushing only the own similarity down moved the renders away from every
+    face alike, and the defaced scan still ranked first. A second hinge keeps
+    MTCNN's final stage (O-net) confident of a face in the box where it found
+    one on the original render, and a smoothness penalty keeps the field
+    smooth. Each round of ``steps`` Adam steps is followed by a check of the
+    *written-back volume*: its surface is re-extracted (as any study does),
+    rendered under ``check_views`` new views (seed + 2, ``check_size`` px)
+    and run through MTCNN and the face model. If MTCNN (p >= 0.95) finds a
+    face in fewer than ``min_detect`` of them, the displacement is scaled back
+    (x 0.7, at most twice); if the own similarity is not yet below the
+    impostor's, the next round pushes with a larger margin.
 
     Parameters
     ----------
@@ -326,12 +382,16 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         Adam steps per round (a round ends early once every render of a step is below the goal).
     rounds : int
         Rounds of optimisation, each followed by the check of the written-back volume.
-    target_similarity : float, optional
-        The impostor level to get below (cosine); default
-        :data:`IMPOSTOR_SIMILARITY` for the model, else
+    impostors : sequence
+        Impostor references: sample keys (:func:`mriface.datasets.fetch`) or
+        Volumes (default :data:`DEFAULT_IMPOSTORS`). A reference whose renders
+        match the original's by :data:`SAME_FACE_SIMILARITY` or more is left
+        out. Without a usable one, the own similarity is pushed below
         :data:`DEFAULT_IMPOSTOR_SIMILARITY`.
+    impostor_views : int
+        Renders per impostor reference (seed + 3; computed once per process).
     margin : float
-        Goal = target - margin.
+        How far below the impostor similarity the own similarity is pushed (cosine).
     views, batch_views, image_size
         Pool of random views (the render protocol's ranges, seed + 1; views
         where MTCNN finds no face on the original are dropped), views per
@@ -364,7 +424,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     """
     from .._device import resolve_device
     from ..recognition import ARCFACE_CROP, FaceAligner, get_model
-    from ..render import RenderProtocol, front_faces, rasterize, render_views, sample_view_params, scene_from_params, shade
+    from ..render import (RenderProtocol, front_faces, rasterize, render_views, sample_view_params,
+                          scene_from_params, shade)
     from ..render.protocol import _light_world
     from ..render.rasterize import resolve_backend
     from ..surface import extract_head_surface
@@ -385,12 +446,11 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     seed = context.seed if seed is None else int(seed)
     shell = float(shell_mm) if shell_mm is not None else max(6.0, 3.0 * float(max_displacement_mm))
     gen = torch.Generator().manual_seed(seed)
-    emb = get_model(model, device=dev, weights=weights, random_weights=random_weights) if isinstance(model, str) else model
+    emb = get_model(model, device=dev, weights=weights, random_weights=random_weights) \
+        if isinstance(model, str) else model
     embed = _embed_fn(emb)
     model_name = getattr(emb, "name", str(model))
-    target = float(target_similarity) if target_similarity is not None else \
-        IMPOSTOR_SIMILARITY.get(model_name, DEFAULT_IMPOSTOR_SIMILARITY)
-    goal = target - float(margin)
+    margin = float(margin)
 
     timing = {}
     surf = extract_head_surface(volume, device=dev, target_faces=target_faces)
@@ -459,6 +519,25 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
 
     with torch.no_grad():
         sim_start = float(hard_match(e_orig, torch.arange(n_pool)).mean())
+    # impostor references: other faces' renders; the defaced renders must match one of them better than their own
+    refs, dropped = [], []
+    for key in (impostors or ()):
+        e_imp = _impostor_embeddings(key, emb, embed, views=impostor_views, size=image_size, seed=seed + 3,
+                                     backend=backend, device=dev)
+        if len(e_imp) == 0:
+            continue
+        same = float((e_orig @ e_imp.to(e_orig.device).T).max(1).values.mean())
+        name = key if isinstance(key, str) else getattr(key, "name", "volume")
+        (dropped if same >= SAME_FACE_SIMILARITY else refs).append((name, e_imp.to(e_orig.device), round(same, 4)))
+    e_imp = torch.cat([r[1] for r in refs]) if refs else None
+    imp_start = max((r[2] for r in refs), default=float("nan"))
+
+    def impostor_match(e, soft=True):
+        """(B,) each render's (soft) best cosine to the impostor references (a constant without any)."""
+        if e_imp is None:
+            return torch.full((len(e),), DEFAULT_IMPOSTOR_SIMILARITY, device=e.device)
+        s = e.float() @ e_imp.T
+        return torch.logsumexp(20.0 * s, dim=1) / 20.0 if soft else s.max(1).values
     timing["setup_detect"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("setup_detect")
 
@@ -494,14 +573,17 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
                 al = FaceAligner(device=dev, crops=aligner.crops).align(imgs.cpu())
                 hit = np.asarray(al.found, bool)
                 p95 = int((np.nan_to_num(np.asarray(al.prob, float)) >= 0.95).sum())
-                sim = float("nan")
+                sim = imp = float("nan")
                 if hit.any():
                     c = al.crop_for(emb.crop)[torch.as_tensor(hit)]
                     e = torch.nn.functional.normalize(embed(c.to(dev)).float(), dim=1)
                     sim = float((e @ e_orig.T).max(1).values.mean())
+                    imp = float(impostor_match(e, False).mean())
             facts = {"views": int(check_views), "size": int(check_size), "mtcnn_p95": f"{p95}/{len(hit)}",
-                     "p95_share": p95 / max(len(hit), 1), "similarity": round(sim, 4)}
-        facts["cpu_s"] = {"write_back": round(c2 - c1, 2), "surface_render_detect_embed": round(time.process_time() - c2, 2)}
+                     "p95_share": p95 / max(len(hit), 1), "similarity": round(sim, 4),
+                     "impostor_similarity": round(imp, 4), "gap": round(sim - imp, 4)}
+        facts["cpu_s"] = {"write_back": round(c2 - c1, 2),
+                          "surface_render_detect_embed": round(time.process_time() - c2, 2)}
         return out, new, facts
 
     history, checks = [], []
@@ -513,8 +595,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             verts = v0 + full(d)[:, None] * n0
             img = render(verts, pool[pick.to(dev)])
             e = torch.nn.functional.normalize(embed(crop(img, pick)).float(), dim=1)
-            sims = best_match(e, pick)
-            loss = torch.relu(sims - goal).mean()
+            gap = best_match(e, pick) - impostor_match(e)  # own minus impostor: below -margin is the goal
+            loss = torch.relu(gap + margin).mean()
             if onet is not None:
                 loss = loss + detect_weight * torch.relu(face_logit - onet(img, pick)).mean()
             lap = d - torch.sparse.mm(smooth, d[:, None])[:, 0]
@@ -522,13 +604,13 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             opt.zero_grad()
             loss.backward()
             opt.step()
-            history.append(round(float(hard_match(e.detach(), pick).mean()), 4))
-            if float(sims.detach().max()) < goal:
+            history.append(round(float((hard_match(e.detach(), pick) - impostor_match(e.detach(), False)).mean()), 4))
+            if float(gap.detach().max()) < -margin:
                 break
         with torch.no_grad():
             disp = full(displacement(p)).cpu().numpy().astype(np.float64)
         out, new_surface, facts = check(disp)
-        facts.update(round=rnd, steps=len(history), scale=round(scale, 3), goal=round(goal, 4))
+        facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
         checks.append(facts)
         backoff = 0
         # the face must stay a face (where MTCNN found one on the original: not on a phantom)
@@ -538,11 +620,11 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             with torch.no_grad():
                 disp = full(displacement(p)).cpu().numpy().astype(np.float64)
             out, new_surface, facts = check(disp)
-            facts.update(round=rnd, steps=len(history), scale=round(scale, 3), goal=round(goal, 4))
+            facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
             checks.append(facts)
-        if not facts or backoff or facts["similarity"] < target - margin / 2:
+        if not facts or backoff or not facts["gap"] > -margin / 2:  # NaN (no face, or a phantom): stop too
             break
-        goal -= facts["similarity"] - goal  # the written-back volume keeps part of the edit: push further
+        margin += facts["gap"] + margin  # the written-back volume keeps part of the edit: push further
     timing["optimise_check"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("optimise_check")
 
@@ -550,8 +632,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         d = displacement(p)
         verts_adv = (v0 + full(d)[:, None] * n0)
         img = render(verts_adv, pool)
-        sim_final = float(hard_match(torch.nn.functional.normalize(embed(crop(img, torch.arange(n_pool))).float(), dim=1),
-                                     torch.arange(n_pool)).mean())
+        e_end = torch.nn.functional.normalize(embed(crop(img, torch.arange(n_pool))).float(), dim=1)
+        sim_final = float(hard_match(e_end, torch.arange(n_pool)).mean())
     facts = {
         "model": model_name,
         "max_displacement_mm_bound": bound,
@@ -560,7 +642,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         "vertices_moved": int((np.abs(disp) > 0.05).sum()),
         "views_in_pool": int(n_pool),
         "landmarks": alignment_source,
-        "target_similarity": round(target, 4),
+        "impostors": [{"name": r[0], "similarity_to_original": r[2]} for r in refs],
+        "impostors_left_out_same_face": [{"name": r[0], "similarity_to_original": r[2]} for r in dropped],
+        "impostor_similarity_start": round(imp_start, 4),
         "steps": len(history),
         "rounds": len({c.get("round") for c in checks}) if checks else 0,
         "similarity_to_identity_start": round(sim_start, 4),
