@@ -131,3 +131,30 @@ def test_photos_show_a_face_on_a_background(cohort3):
         centre = im[40:56, 40:56].reshape(-1, 3).mean(0)
         corner = im[:6, :6].reshape(-1, 3).mean(0)
         assert np.abs(centre - corner).max() > 5
+
+
+def test_resampling_skips_only_air_blocks():
+    """The scanner's resampling leaves out blocks that only see air: same result as resampling everything."""
+    from scipy import ndimage
+
+    from mriface.synthetic.scans import _occupancy, _resample, _rotation
+
+    rng = np.random.default_rng(0)
+    head = np.zeros((90, 100, 80), np.float32)
+    g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in head.shape], indexing="ij"), -1)
+    inside = (((g - np.array([45, 50, 40])) / np.array([30, 38, 28])) ** 2).sum(-1) < 1
+    head[inside] = rng.uniform(0.5, 1.2, size=int(inside.sum()))
+    occ = _occupancy(head)
+    assert 0.2 < occ.mean() < 0.95  # some blocks are air, and the head's are kept
+    for zooms in ((1.0, 1.0, 1.0), (1.0, 1.0, 3.0), (0.9, 0.9, 2.0)):
+        z = np.asarray(zooms)
+        mat = np.linalg.inv(_rotation(12.0, -5.0, 7.0) * np.array([1.04, 0.95, 1.0])[None, :]) @ np.diag(z)
+        shape = tuple(int(n) for n in np.ceil(np.array(head.shape) * 1.2 / z))
+        off0 = np.array(head.shape) / 2 - mat @ (np.array(shape) / 2)
+        got = _resample(head, occ, mat, off0, shape, z)
+        sub = [max(1, int(round(v))) if v > 1.5 else 1 for v in z]
+        offs = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in sub], indexing="ij"), -1).reshape(-1, 3)
+        want = sum(ndimage.affine_transform(head, mat, offset=off0 + mat @ o, output_shape=shape, order=1,
+                                            mode="constant", cval=0.0, output=np.float32) for o in offs) / len(offs)
+        assert got.shape == shape and (want > 0).mean() > 0.1
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -53,19 +53,6 @@ def _geometry() -> dict:
     return {"p": p, "lm": lm, "lips": lips, "eyes": eyes, "iris": iris, "brow": brow}
 
 
-@functools.lru_cache(maxsize=1)
-def _backing() -> tuple:
-    """A coarse copy of the face mesh (vertices on a ~3 mm grid): the dark inner surface seen
-    through the nostrils' folds. (indices into the model's vertices, (F, 3) triangles of them.)"""
-    from .facemodel import _triangulate
-
-    m = load_face_model()
-    cell = np.floor(m.mean[:, [0, 2]] / 3.0).astype(np.int64)
-    _, idx = np.unique(cell, axis=0, return_index=True)
-    idx = np.sort(idx)
-    return idx, _triangulate(m.mean[idx])
-
-
 #: hair colours (linear RGB) and how often they are drawn: black, dark brown, brown, blond, red, grey
 _HAIR = np.array([[0.018, 0.015, 0.013], [0.045, 0.028, 0.018], [0.11, 0.065, 0.035], [0.34, 0.24, 0.12],
                   [0.28, 0.09, 0.035], [0.30, 0.29, 0.28]])
@@ -275,14 +262,13 @@ def _render_photos(model: FaceModel, face_t: np.ndarray, ident: dict, pp: dict, 
     lm = model.landmarks
     up = np.array([0.0, 0.0, 1.0])
     fwd = np.array([0.0, 1.0, 0.0])
-    nv = len(model.mean)
-    # the backing: a dark, coarse inner copy of the face seen through the folds under the nose
-    bidx, bfaces = _backing()
+    from scipy import ndimage
+
+    nv, nf = len(model.mean), len(model.faces)
     valb, vspec = _vertex_albedo(ident)
-    back_alb = np.broadcast_to(0.3 * np.asarray(ident["skin_albedo"], np.float32), (len(bidx), 3))
-    alb_v = torch.as_tensor(np.concatenate([valb, back_alb]), dtype=torch.float32)
-    spec_v = torch.as_tensor(np.concatenate([vspec, np.zeros(len(bidx), np.float32)]))
-    faces_t = torch.as_tensor(np.concatenate([model.faces, bfaces[:, [0, 2, 1]] + nv]), dtype=torch.int64)
+    alb_v = torch.as_tensor(valb)
+    spec_v = torch.as_tensor(vspec)
+    faces_t = torch.as_tensor(model.faces, dtype=torch.int64)
     # scalp colour: hair with strands, or skin
     stex = np.random.default_rng(ident["texture_seed"] + 1).standard_normal(len(_unit_sphere()[0]))
     if ident["scalp"] == "hair":
@@ -300,11 +286,10 @@ def _render_photos(model: FaceModel, face_t: np.ndarray, ident: dict, pp: dict, 
     for k in range(n):
         verts = face_t + np.tensordot(pp["expression"][k].astype(np.float32), model.expression, axes=1) * ident["face_scale"]
         centre = np.mean(verts[lm[[36, 39, 42, 45, 30, 48, 54]]], axis=0) - 25.0 * fwd
-        inner = centre - 30.0 * fwd
         sv, sf, sidx = _scalp(verts, lm, ident, float(ident["face_scale"]))
-        verts = np.concatenate([verts, inner + 0.85 * (verts[bidx] - inner) - 4.0 * fwd, sv])
-        if k == 0:  # the scalp's vertices are the same in every photograph of the participant
-            faces_t = torch.cat([faces_t, torch.as_tensor(sf + nv + len(bidx))])
+        verts = np.concatenate([verts, sv])
+        if k == 0:  # the scalp's triangles are the same in every photograph of the participant
+            faces_t = torch.cat([faces_t, torch.as_tensor(sf + nv)])
             alb_v = torch.cat([alb_v, torch.as_tensor(scalp_alb[sidx])])
             spec_v = torch.cat([spec_v, torch.full((len(sv),), 0.5 if ident["scalp"] == "hair" else 1.0)])
         frame = FaceFrame(center=centre, forward=fwd, up=up)
@@ -332,6 +317,13 @@ def _render_photos(model: FaceModel, face_t: np.ndarray, ident: dict, pp: dict, 
         ramp = torch.linspace(-1, 1, s2)[:, None, None] * float(pp["background_gradient"][k])
         back = (bg[None, None, :] * (1 + ramp)).clamp(0, 1).expand(s2, s2, 3)
         img = torch.where(cov[..., None], img, back)
+        # the face mesh's holes (the folds under the nose, a parted mouth): what a ray sees through
+        # them, inside the face's outline, is the dark inside of the head, lit by the ambient light only
+        face = (cov & (p2f < nf)).numpy()
+        holes = torch.from_numpy(ndimage.binary_fill_holes(face) & ~face)
+        dark = (0.3 * torch.as_tensor(np.asarray(ident["skin_albedo"], np.float32)) * rgb[0] * float(pp["ambient"][k])
+                ).clamp(1e-6, 1) ** _GAMMA
+        img = torch.where(holes[..., None], dark, img)
         small = img.reshape(size, ss, size, ss, 3).mean((1, 3)).numpy()
         g = np.random.default_rng(int(pp["grain_seed"][k])).standard_normal(small.shape).astype(np.float32)
         small = np.clip(small + g * float(pp["grain"][k]), 0, 1)
