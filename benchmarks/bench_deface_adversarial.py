@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=192)
-    ap.add_argument("--check-views", type=int, default=10)
+    ap.add_argument("--check-views", type=int, default=16)
     ap.add_argument("--check-size", type=int, default=512)
     ap.add_argument("--target-faces", type=int, default=None)
     ap.add_argument("--margin", type=float, default=0.05,

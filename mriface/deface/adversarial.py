@@ -342,7 +342,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
                      smooth_iters: int = 10, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
                      detect_weight: float = 0.2, face_logit: float = 4.6, shell_mm: "float | None" = None,
                      seed: "int | None" = None, device="auto", backend: str = "auto",
-                     check_views: int = 10, check_size: int = 512, min_detect: float = 0.9,
+                     check_views: int = 16, check_size: int = 512, min_detect: float = 0.9,
                      target_faces: "int | None" = None, verify: bool = True, info: "dict | None" = None):
     """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for someone else.
 
