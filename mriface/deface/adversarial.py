@@ -3,18 +3,24 @@
 Instead of removing the face, the skin surface inside the face region is
 pushed along its normals by a small, smooth displacement field (at most
 ``max_displacement_mm``) chosen with the differentiable renderer and a face
-model's gradients so that the embeddings of the head's renders move away
-from the person's own identity. The objective is the expectation over the
-render protocol's random views, lights and skin tones (a pool of views drawn
-with :func:`mriface.render.sample_view_params`, a random batch per step).
+model's gradients so that each render of the head matches other faces (the
+impostor references, by default the two average heads on the index) better
+than the original head's renders: rank-aware, as the study ranks by best
+match. The objective is the expectation over the render protocol's random
+views, lights and skin tones (a pool of views drawn with
+:func:`mriface.render.sample_view_params`, a random batch per step), with a
+hinge on MTCNN's O-net face logit so that the face stays detectable, and
+each round ends with a check of the written-back volume (re-extracted,
+rendered under new views, detected and embedded; see :func:`adversarial_face`).
 
 Chain of gradients: displacement (per vertex, along the normal) -> vertices
--> :func:`mriface.render.rasterize` (``zbuffer``: barycentrics and depth are
-differentiable away from silhouettes) and :func:`mriface.render.shade`
-(normals recomputed from the vertices) -> images -> the aligner's similarity
-warp onto the ArcFace template with the MTCNN landmarks found once on the
-initial renders (fixed per view; ``grid_sample`` is differentiable in the
-image) -> ``embedder.embed_differentiable``.
+-> :func:`mriface.render.rasterize` (``embree`` on the CPU, ``zbuffer`` on
+CUDA: barycentrics and depth recomputed in torch, differentiable away from
+silhouettes) and :func:`mriface.render.shade` (normals recomputed from the
+vertices) -> images -> FaceNet's MTCNN box crop (``roi_align``) or the
+aligner's similarity warp onto the ArcFace template, with the boxes and
+landmarks found once on the initial renders (fixed per view) -> the face
+model (``embed_differentiable``, or FaceNet's frozen network).
 
 Bounds: the displacement is ``max_displacement_mm * w * tanh(S p)`` with
 ``w`` in [0, 1] rising over ``ramp_mm`` inside the face region (0 outside it,
