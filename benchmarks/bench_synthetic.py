@@ -42,6 +42,8 @@ import numpy as np
 
 from benchmarks._common import machine_info, write_json
 
+#: `make bench` (benchmarks.run_all --small): 3 participants, no studies (fetches the non-commercial face model)
+QUICK_ARGS = ["--n", "3", "--no-study", "--json", "benchmarks/out/synthetic-quick.json"]
 OUT = Path(__file__).resolve().parent / "out"
 
 
