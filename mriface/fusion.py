@@ -41,7 +41,7 @@ __all__ = ["COMBINERS", "DEFAULT_HEADLINE", "EnsembleResult", "zscore", "fuse_sc
 #: the combined attackers, in the order reported
 COMBINERS = ("best-of", "fusion")
 #: the combined attacker a multi-model study reports as its headline (measured: docs/recognition.md)
-DEFAULT_HEADLINE = "fusion"
+DEFAULT_HEADLINE = "best-of"
 
 
 def zscore(scores: "np.ndarray | Sequence[float]") -> np.ndarray:

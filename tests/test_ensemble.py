@@ -135,7 +135,7 @@ def test_best_of_models_and_fusion_ranks_and_rates():
     s = ens.summary
     assert s["models"]["m1"]["rank1"]["count"] == 1 and s["models"]["m2"]["rank1"]["count"] == 2
     assert s["best-of"]["rank1"]["count"] == 3 and s["fusion"]["rank1"]["count"] == 2
-    assert s["fusion"]["rank1"]["n"] == 3 and s["headline"] == "fusion"
+    assert s["fusion"]["rank1"]["n"] == 3 and s["headline"] == "best-of"
     assert ens.table("fusion")["true_rank"].tolist() == [2, 1, 1]
     assert ens.table("best-of")["true_rank"].tolist() == [1, 1, 1]
     assert ens.fused.loc[0, "top5_subjects"] == "B;A;C"
@@ -174,10 +174,10 @@ def test_several_models_embed_one_detection_each_gets_its_ranks_and_is_named(tmp
     assert by_model["rank_toy-b"].tolist() == rb.participants["true_rank"].tolist()
     probes = pd.read_csv(tmp_path / "ab" / "probes.csv")
     assert set(probes["model"]) == {"toy-a", "toy-b"}
-    # headline: the fusion attacker's table, same columns as a single-model study's
+    # headline: the best-of-models (worst case) table, same columns as a single-model study's
     assert list(r.participants.columns) == list(r1.participants.columns)
-    assert r.summary["ensemble"]["headline"] == "fusion"
-    assert r.summary["rank1"] == r.summary["ensemble"]["fusion"]["rank1"]
+    assert r.summary["ensemble"]["headline"] == "best-of"
+    assert r.summary["rank1"] == r.summary["ensemble"]["best-of"]["rank1"]
     assert r.summary["rank1"]["count"] == 4  # the toy models identify everyone
     _check_models_named(tmp_path / "ab", r, r1)
 
@@ -195,7 +195,7 @@ def _check_models_named(out, r, r1):
     report = (out / "report.md").read_text()
     for name in ("toy-a", "toy-b"):
         assert f"face model {name}" in report and hashlib.sha256(name.encode()).hexdigest()[:16] in report
-    assert "fusion (headline)" in report and NOTICE in report
+    assert "best-of (headline)" in report and "fusion" in report and NOTICE in report
     # a single-model study names its model too, and has nothing combined
     assert [m["name"] for m in r1.summary["models"]] == ["toy-a"] and "ensemble" not in r1.summary
 
