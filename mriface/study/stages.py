@@ -567,7 +567,7 @@ def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pip
         res.extra_problems = [*pending.extra_problems, *getattr(res, "extra_problems", [])]
         out[i] = res
     if any(not r.cached for r in out):
-        from .worker import release_memory
+        from .memory import release_memory
 
         release_memory()  # the scans' surfaces and renders are freed: keep memory flat over a long study
     return out

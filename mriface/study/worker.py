@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .memory import release_memory
+
 __all__ = ["Executor", "busy_summary", "log_busy", "worker_copy", "prefetch_surface", "peak_rss_mb", "worker_main",
            "thread_env", "resolve_batch_scans", "stage_intervals", "release_memory"]
 
@@ -202,32 +204,6 @@ def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path") -> dict
     digests = {k: v for k, v in memo.items() if k and k[0] == str(scan.path)} if isinstance(memo, dict) else {}
     return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid(),
             "peak_rss_mb": peak_rss_mb()}
-
-
-def release_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
-
-    Called after each scan (:func:`~mriface.study.stages.process_scans`) and
-    each surface a worker makes: the freed volumes, surfaces and render
-    batches (tens of MB each) otherwise stay in the process's heap, and the
-    next scan's arrays land in fragments of it, so that a long study's
-    resident memory creeps up scan after scan. Results are unaffected.
-    """
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc: Any = None
 
 
 def peak_rss_mb() -> "float | None":
