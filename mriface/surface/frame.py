@@ -30,7 +30,6 @@ def _symmetry_plane(points: np.ndarray, normals: np.ndarray, rng: np.random.Gene
     of a plane near the centroid; the four best distinct ones are refined
     (normal and offset) with Nelder-Mead.
     """
-    from scipy.optimize import minimize
     from scipy.spatial import cKDTree
 
     sel = rng.choice(points.shape[0], min(points.shape[0], 15000), replace=False)
@@ -58,6 +57,31 @@ def _symmetry_plane(points: np.ndarray, normals: np.ndarray, rng: np.random.Gene
     offs = 0.5 * (np.percentile(proj, 1, axis=0) + np.percentile(proj, 99, axis=0))
     grid = [(score(n, off, coarse_probe), i, off) for i, (n, off) in enumerate(zip(cands, offs))]
     grid.sort()
+    return _refine_planes(grid, cands, score, c)
+
+
+
+def _refine_planes(grid, cands: np.ndarray, score, centre: np.ndarray):
+    """Refine the best distinct candidate planes with Nelder-Mead; the best one found.
+
+    Parameters
+    ----------
+    grid : list of (float, int, float)
+        (coarse score, candidate index, offset in mm), sorted best first.
+    cands : (K, 3) ndarray
+        Candidate unit normals.
+    score : callable
+        ``score(normal, offset) -> float`` (mm; lower is better), on all probe points.
+    centre : (3,) ndarray
+        The point offsets are measured from (world mm).
+
+    Returns
+    -------
+    (normal (3,), point on the plane (3,), score)
+        Of the best of at most four candidates more than ~25 degrees apart.
+    """
+    from scipy.optimize import minimize
+
     best = None
     seen: list = []
     for sc, i, off in grid:
@@ -79,7 +103,7 @@ def _symmetry_plane(points: np.ndarray, normals: np.ndarray, rng: np.random.Gene
         n = n0 + res.x[0] * t1 + res.x[1] * t2
         n /= np.linalg.norm(n)
         if best is None or res.fun < best[2]:
-            best = (n, c + res.x[2] * n, float(res.fun))
+            best = (n, centre + res.x[2] * n, float(res.fun))
         if len(seen) >= 4:
             break
     return best

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SurfaceError
-from .frame import _MIN_NOSE_MM, _fibonacci_hemisphere, _frame_without_nose
+from .frame import _MIN_NOSE_MM, _fibonacci_hemisphere, _frame_without_nose, _refine_planes
 from .types import FaceFrame
 
 __all__: "list[str]" = []
@@ -66,7 +66,6 @@ def _nearest_fn(tree_pts, brute: "bool | None" = None):
 def _symmetry_plane_torch(points, normals, rng: np.random.Generator):
     """:func:`.frame._symmetry_plane` on tensors (points relative to their centroid; see there)."""
     import torch
-    from scipy.optimize import minimize
 
     dev = points.device
     npts = points.shape[0]
@@ -98,31 +97,7 @@ def _symmetry_plane_torch(points, normals, rng: np.random.Generator):
     first = torch.cat([scores(cands[s:s + 16], offs[s:s + 16], coarse_probe) for s in range(0, len(cands), 16)])
     cands_np, offs_np, first_np = (x.cpu().numpy() for x in (cands, offs, first))
     grid = sorted((float(sc), i, float(off)) for i, (sc, off) in enumerate(zip(first_np, offs_np)))
-    best = None
-    seen: list = []
-    for sc, i, off in grid:
-        if any(abs(cands_np[i] @ cands_np[k]) > 0.9 for k in seen):
-            continue
-        seen.append(i)
-        n0 = cands_np[i]
-        t1 = np.cross(n0, [1.0, 0.0, 0.0] if abs(n0[0]) < 0.9 else [0.0, 1.0, 0.0])
-        t1 /= np.linalg.norm(t1)
-        t2 = np.cross(n0, t1)
-
-        def f(x, n0=n0, t1=t1, t2=t2):
-            return score(n0 + x[0] * t1 + x[1] * t2, x[2])
-
-        res = minimize(f, np.array([0.0, 0.0, off]), method="Nelder-Mead",
-                       options={"xatol": 1e-3, "fatol": 1e-3, "maxfev": 45,
-                                "initial_simplex": np.array([[0, 0, off], [0.08, 0, off], [0, 0.08, off],
-                                                             [0, 0, off + 4.0]])})
-        n = n0 + res.x[0] * t1 + res.x[1] * t2
-        n /= np.linalg.norm(n)
-        if best is None or res.fun < best[2]:
-            best = (n, c.cpu().numpy() + res.x[2] * n, float(res.fun))
-        if len(seen) >= 4:
-            break
-    return best
+    return _refine_planes(grid, cands_np, score, c.cpu().numpy())
 
 
 def estimate_face_frame_torch(verts, faces, *, seed: int = 0) -> FaceFrame:
