@@ -124,6 +124,10 @@ def test_same_seed_same_images_and_adding_a_subject_changes_no_other_subject():
     assert torch.equal(two.images[3:], one.images)
     df1, df2 = one.to_dataframe(), two.to_dataframe()
     pd.testing.assert_frame_equal(df1, df2.iloc[3:].reset_index(drop=True))
+    part = two[3:6]  # one subject's rows of a batch: what the study's batched rendering hands each scan
+    assert len(part) == 3 and part.subjects == ["a"] * 3 and torch.equal(part.images, one.images)
+    pd.testing.assert_frame_equal(part.to_dataframe(), df1)
+    assert torch.equal(part.cameras.R, one.cameras.R) and torch.equal(part.lights.direction, one.lights.direction)
     other_seed = render_views({"a": head}, dataclasses.replace(prot, seed=8), device="cpu")
     assert not np.allclose(other_seed.params["azimuth_deg"], one.params["azimuth_deg"])
     assert not np.allclose(df2["azimuth_deg"][:3], df2["azimuth_deg"][3:])  # subjects draw differently

@@ -337,3 +337,23 @@ def test_streaming_real_stages_byte_identical_tables(tmp_path, sample_path):
     run_study(m, out=tmp_path / "str", executor=ex, **kw)
     _same_tables(tmp_path / "seq", tmp_path / "str")
     assert ex.stats["prefetched"] == 3 and ex.stats["busy_s"]["surface (workers)"] > 0
+
+
+def test_render_many_with_a_mesh_batching_backend_gives_each_subject_its_own_renders():
+    """The batched render path (zbuffer batches meshes; runs on the CPU too) equals one render call per subject."""
+    import dataclasses
+
+    from mriface.render import RenderProtocol
+    from mriface.render._synthetic import synthetic_head
+
+    head = synthetic_head()
+    other = dataclasses.replace(head, verts=head.verts * 1.05)
+    pipe = Pipeline(device="cpu", backend="zbuffer")
+    assert pipe.batches_meshes and not Pipeline(device="cpu", backend="embree").batches_meshes
+    prot = RenderProtocol(views=2, image_size=40, seed=3)
+    many = pipe.render_many([(head, "a"), (other, "b")], prot)
+    for (surf, sid), got in zip([(head, "a"), (other, "b")], many):
+        alone = pipe.render(surf, sid, prot)
+        assert got.subjects == [sid] * 2 and torch.equal(got.images, alone.images)
+        assert torch.equal(got.cameras.R, alone.cameras.R)
+        pd.testing.assert_frame_equal(got.to_dataframe(), alone.to_dataframe())

@@ -260,6 +260,12 @@ class RenderBatch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def __getitem__(self, rows: slice) -> "RenderBatch":
+        """The images ``rows`` (a slice, e.g. one subject's views) with their parameters, as a RenderBatch."""
+        return RenderBatch(self.images[rows], list(self.subjects[rows]), self.view[rows],
+                           {k: v[rows] for k, v in self.params.items()}, self.cameras[rows], self.lights[rows],
+                           self.material[rows])
+
     def to_dataframe(self):
         """pandas DataFrame, one row per image: subject, view and every parameter column."""
         import pandas as pd

@@ -195,7 +195,7 @@ class Pipeline:
         batch = render_views(dict((s, surf) for surf, s in items), protocol, backend=self.backend,
                              device=self.device)
         v = int(protocol.views)
-        return [_subject_batch(batch, slice(i * v, (i + 1) * v)) for i in range(len(items))]
+        return [batch[i * v:(i + 1) * v] for i in range(len(items))]
 
     @property
     def batches_meshes(self) -> bool:
@@ -728,15 +728,6 @@ def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, ca
         results.append(ScanResult(p.scan.subject, p.role, p.scan.path, embs[primary], found, prob, renders,
                                   timings, False, model_embeddings=embs))
     return results
-
-
-def _subject_batch(batch, r: slice):
-    """Rows ``r`` of a :class:`~mriface.render.RenderBatch` (one subject's renders) as a RenderBatch."""
-    import dataclasses
-
-    return dataclasses.replace(batch, images=batch.images[r], subjects=list(batch.subjects[r]), view=batch.view[r],
-                               params={k: v[r] for k, v in batch.params.items()}, cameras=batch.cameras[r],
-                               lights=batch.lights[r], material=batch.material[r])
 
 
 def _cat(images: list):
