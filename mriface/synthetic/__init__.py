@@ -40,7 +40,7 @@ head, MRI/CT-like acquisition), :mod:`.photos` (rendered photographs) and
 
 from __future__ import annotations
 
-from .cohort import subject_id, synthetic_cohort
+from .cohort import finished_cohort, subject_id, synthetic_cohort
 from .config import Cohort, CohortConfig
 from .facemodel import (  # noqa: F401  (_NdarrayUnpickler: the tests check it refuses other globals)
     BFM_LICENCE, GENERATOR_VERSION, FaceModel, _NdarrayUnpickler, load_face_model, load_ndarray_pickle)
@@ -54,4 +54,5 @@ __all__ = [
     "load_face_model",
     "load_ndarray_pickle",
     "synthetic_cohort",
+    "finished_cohort",
 ]

@@ -155,6 +155,28 @@ def synthetic_cohort(
                   subjects=tuple(r["subject"] for r in recs))
 
 
+def finished_cohort(folder, n: int, *, seed: int = 0, config: CohortConfig = CohortConfig(),
+                    sessions: int = 2) -> "Cohort | None":
+    """The cohort in ``folder`` if :func:`synthetic_cohort` finished it with these arguments, else None.
+
+    ``cohort.json`` (written last) must name this generator version, ``n``,
+    ``seed``, ``sessions`` and ``config``; a cohort from another version or
+    other settings, or an unfinished one, is not reused.
+    """
+    root = Path(folder).expanduser()
+    meta_path, manifest = root / "cohort.json", root / "manifest.csv"
+    try:
+        meta = json.loads(meta_path.read_text())
+        wanted = {"generator": f"mriface.synthetic {GENERATOR_VERSION}", "n": int(n), "seed": int(seed),
+                  "sessions": sessions, "config": json.loads(json.dumps(_jsonable(asdict(config))))}
+        if any(meta.get(k) != v for k, v in wanted.items()) or not manifest.is_file():
+            return None
+        subjects = tuple(p["subject"] for p in meta["participants"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: not a finished cohort
+    return Cohort(root=root, manifest=manifest, photos=root / "photos", params=meta_path, subjects=subjects)
+
+
 def _bar(it, n, progress):
     if not progress:
         return it
