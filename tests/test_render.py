@@ -410,6 +410,33 @@ def test_embree_hits_do_not_depend_on_the_number_of_tracing_threads():
     assert torch.equal(frags.pix_to_face.reshape(-1)[one.pixel], one.face)
 
 
+def _with_threads(n: int, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_shading_gives_the_same_bits_with_any_number_of_torch_threads():
+    """A streaming worker renders on one thread what the main process renders on all cores (issue 11)."""
+    from mriface.render.shade import _pow
+
+    # a length that is no multiple of the SIMD width: threads' shares end in partial vectors
+    x = torch.rand(123_457, 3, generator=torch.Generator().manual_seed(0)) * 0.999 + 1e-6
+    e = torch.rand(123_457, 3, generator=torch.Generator().manual_seed(1)) * 40 + 1
+    for exponent in (1 / 2.2, e):
+        one = _with_threads(1, lambda: _pow(x, exponent))
+        assert torch.equal(one, _with_threads(3, lambda: _pow(x, exponent)))
+        assert torch.allclose(one, x.pow(exponent), rtol=1e-6, atol=0)  # it is pow
+    head = synthetic_head()
+    proto = RenderProtocol(views=3, image_size=192, seed=4)
+    a = _with_threads(1, lambda: render_views({"s": head}, proto, backend="embree").images)
+    b = _with_threads(3, lambda: render_views({"s": head}, proto, backend="embree").images)
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- zbuffer backend
 def _box_scene():
     """A 160 mm cube in front of a 1.1 m backdrop quad (whose triangles reach far beyond the image)."""

@@ -32,6 +32,13 @@ TABLES = ("participants.csv", "probes.csv")
 
 
 # --------------------------------------------------------------------------- a cheap pipeline
+class _CheapRenders(SimpleNamespace):
+    """What CheapPipeline.render returns: images and a parameter table (picklable, for the workers)."""
+
+    def to_dataframe(self):
+        return self.df
+
+
 def _identity(i: int) -> np.ndarray:
     v = np.random.default_rng(1000 + i).normal(size=64)
     return v / np.linalg.norm(v)
@@ -91,7 +98,7 @@ class CheapPipeline(Pipeline):
         images[:, 0, 0, 0] = ident / 1000
         images[:, 0, 1, 0] = torch.as_tensor(rng.uniform(0, 1, v), dtype=torch.float32)
         df = pd.DataFrame({"subject": [subject] * v, "view": np.arange(v), "azimuth_deg": rng.uniform(-20, 20, v)})
-        return SimpleNamespace(images=images, to_dataframe=lambda: df)
+        return _CheapRenders(images=images, df=df)
 
     def align(self, images):
         self.calls["align"] += 1
@@ -187,7 +194,9 @@ def test_streaming_gives_the_same_tables_survives_a_killed_worker_and_resumes(re
     assert s["worker_deaths"] == 1  # ... noticed, and its scan done here
     assert s["prefetched"] >= 4 and s["prefetched"] + s["computed_here"] == 6
     assert pipe.calls["load"] == s["computed_here"]  # the main process loaded only what no worker did
-    assert s["busy_s"]["load (workers)"] > 0 and s["busy_s"]["render (main)"] >= 0
+    assert s["busy_s"]["load (workers)"] > 0 and s["busy_s"]["render (workers)"] > 0  # on the CPU workers render
+    assert pipe.calls["render"] == s["computed_here"]  # ... and this process only aligns and embeds them
+    assert pipe.calls["align"] == 6 + 6  # (6 scans, 6 participants' photographs)
     assert s["photos_while_waiting"] >= 0 and r.computed == 6 + 6  # 6 scans, 6 participants' photographs
     log = (out / "study.log").read_text()
     assert "died" in log and "executor streaming (2 workers): wall" in log and "busy at once" in log
@@ -242,7 +251,7 @@ def test_a_failing_scan_in_a_batch_is_its_own_problem(reference, tmp_path):
 def test_streaming_in_batches_of_three_gives_the_same_tables(reference, tmp_path):
     """K=3 on the CPU with the cheap pipeline: batched device stages, the sequential path's bytes."""
     pipe = CheapPipeline(first_render_s=1.0)
-    ex = StreamingExecutor(2, batch_scans=3)
+    ex = StreamingExecutor(2, batch_scans=3, render_in_workers=False)  # this process renders, in batches
     out = tmp_path / "batched"
     run_study(reference.manifest, out=out, photos=reference.photos, views=3, size=32, progress=False,
               pipeline=pipe, executor=ex)
@@ -336,7 +345,10 @@ def test_streaming_real_stages_byte_identical_tables(tmp_path, sample_path):
     ex = StreamingExecutor(2)
     run_study(m, out=tmp_path / "str", executor=ex, **kw)
     _same_tables(tmp_path / "seq", tmp_path / "str")
-    assert ex.stats["prefetched"] == 3 and ex.stats["busy_s"]["surface (workers)"] > 0
+    busy = ex.stats["busy_s"]
+    assert ex.stats["prefetched"] == 6 and busy["surface (workers)"] > 0  # 3 surfaces; 3 x 2 lists of renders
+    # the one-thread workers rendered, and the tables above are still the main process's bytes
+    assert busy["render (workers)"] > 0 and "render (main)" not in busy
 
 
 def test_render_many_with_a_mesh_batching_backend_gives_each_subject_its_own_renders():

@@ -179,9 +179,9 @@ def shade_points(face: torch.Tensor, bary: torch.Tensor, view: torch.Tensor, ver
     n_dot_l = (nrm * light_dir).sum(-1)
     diffuse = n_dot_l.clamp(min=0)
     n_dot_h = (nrm * _unit(light_dir + to_eye)).sum(-1).clamp(min=1e-6)
-    spec = torch.where(n_dot_l > 0, n_dot_h.pow(shininess), 0.0) * specular
+    spec = torch.where(n_dot_l > 0, _pow(n_dot_h, shininess), 0.0) * specular
     linear = albedo * (amb + col * diffuse[:, None]) + col * spec[:, None]
-    return linear.clamp(1e-6, 1.0).pow(_GAMMA)
+    return _pow(linear.clamp(1e-6, 1.0), _GAMMA)
 
 
 def compose(pixel: torch.Tensor, srgb: torch.Tensor, n_images: int, image_size: int, background) -> torch.Tensor:
@@ -209,6 +209,34 @@ def _interpolate(w: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
     out = corner[:, 0] * w[:, 0:1]
     out = torch.addcmul(out, corner[:, 1], w[:, 1:2])
     return torch.addcmul(out, corner[:, 2], w[:, 2:3])
+
+
+#: Elements per piece in :func:`_pow`: a multiple of every SIMD width, and below torch's
+#: parallel grain (32768), so that torch runs each piece on one thread.
+_POW_PIECE = 16384
+
+
+def _pow(x: torch.Tensor, exponent: "torch.Tensor | float") -> torch.Tensor:
+    """``x ** exponent`` elementwise, with the same bits whatever the number of CPU threads.
+
+    torch computes ``pow`` with SIMD code for whole vectors and another path
+    for the partial vector at the end of each thread's share, and the two
+    differ in the last bit; so the shares' boundaries, which move with the
+    thread count, moved a few pixels of a 512-px render by 6e-8. Fixed pieces
+    (each run on one thread) make every element take the same path whatever
+    the threads, so a study's worker processes (one thread each) render
+    exactly what the main process (all cores) renders. On CUDA, where each
+    element is computed alike, it is one call.
+    """
+    if x.device.type != "cpu" or x.numel() <= _POW_PIECE:
+        return x.pow(exponent)
+    flat = x.reshape(-1)
+    if isinstance(exponent, torch.Tensor) and exponent.dim() > 0:
+        e = exponent.expand_as(x).reshape(-1)
+        parts = [flat[i:i + _POW_PIECE].pow(e[i:i + _POW_PIECE]) for i in range(0, flat.numel(), _POW_PIECE)]
+    else:
+        parts = [flat[i:i + _POW_PIECE].pow(exponent) for i in range(0, flat.numel(), _POW_PIECE)]
+    return torch.cat(parts).reshape(x.shape)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@
 
 * ``"sequential"`` - one scan after another in this process (the reference path);
 * ``"streaming"`` (:class:`StreamingExecutor`) - a pool of worker processes
-  loads and reconstructs the scans ahead of this process, which renders,
-  aligns and embeds them on the device in the study's order, and aligns the
-  participants' photographs while it would otherwise wait for a surface;
+  loads and reconstructs the scans ahead of this process (and, on the CPU,
+  renders them too), which renders (on CUDA), aligns and embeds them in the
+  study's order, and aligns the participants' photographs while it would
+  otherwise wait for a worker;
 * ``"ray"`` (:class:`mriface.study.ray_executor.RayExecutor`) - the same split
   with Ray tasks for the CPU stages and Ray actors holding the models.
 
@@ -15,12 +16,22 @@ Why results are identical to the sequential path
 ------------------------------------------------
 A worker only *fills the cache*: it runs the surface stage
 (:func:`mriface.study.stages._surface_for`: load, reconstruct, write the
-surface entry atomically) and sends back nothing but timings. This process
-then calls the very same :func:`~mriface.study.stages.process_scans` on the
-scans, in order; it finds each surface in the cache (an uncompressed ``.npz``
-that reads back bit for bit) and does render, align and embed exactly as the
-sequential path would. Everything that decides a result - cache keys,
-problems, the render entry - stays in one place.
+surface entry atomically) and, where the pipeline runs on the CPU, renders
+the scan (:func:`~mriface.study.worker.prefetch_surface`); it sends back
+timings and those renders. This process then calls the very same
+:func:`~mriface.study.stages.process_scans` on the scans, in order, with the
+renders as its ``renders``; it finds each surface in the cache (an
+uncompressed ``.npz`` that reads back bit for bit) and does the rest exactly
+as the sequential path would. Renders have the same bits on a worker's one
+thread as on this process's several (:func:`mriface.render.shade.shade_points`
+makes sure of it); detection and embedding do not (oneDNN and torch split
+their work by thread), so they stay here. Everything that decides a result
+- cache keys, problems, the render entry - stays in one place.
+
+Why the workers render on the CPU: on 2 cores this process's render, align,
+embed and photographs took 156 of the 165 s of an 84-scan study (the
+workers' surfaces 100 s), so it was the slowest step; on CUDA it renders a
+batch of scans in milliseconds, and rendering stays here.
 
 Batches of scans on the device
 ------------------------------
@@ -142,6 +153,12 @@ class StreamingExecutor(Executor):
         (:func:`~mriface.study.stages.process_scans`): up to this many
         consecutive scans whose surfaces are ready. Default: 1 on the CPU
         (every byte as the sequential path), 8 on CUDA.
+    render_in_workers : bool, optional
+        Whether the workers also render each scan (this process then aligns
+        and embeds). Default: where the pipeline's device is the CPU, for
+        there this process's render, align, embed and photographs were the
+        slowest step of the pipeline; on CUDA this process renders, in
+        batches on the device.
     start_method : str
         ``"spawn"`` (default) or ``"forkserver"``; never ``"fork"``: a forked
         copy of a process that has used torch's thread pools can hang.
@@ -167,7 +184,8 @@ class StreamingExecutor(Executor):
     backlog = 2
 
     def __init__(self, workers: "int | None" = None, *, lookahead: "int | None" = None, threads: int = 1,
-                 batch_scans: "int | None" = None, start_method: str = "spawn"):
+                 batch_scans: "int | None" = None, render_in_workers: "bool | None" = None,
+                 start_method: str = "spawn"):
         super().__init__()
         self.workers = int(workers) if workers is not None else default_workers()
         if self.workers < 1:
@@ -177,13 +195,14 @@ class StreamingExecutor(Executor):
         self.lookahead = int(lookahead) if lookahead is not None else 2 * self.workers
         self.threads = max(1, int(threads))
         self.batch_scans = None if batch_scans is None else resolve_batch_scans(batch_scans, None)
+        self.render_in_workers = render_in_workers
         self._batches: list[int] = []
         self.start_method = start_method
         self._mp = None
         self._setup: "tuple | None" = None
         self._pool: list[_Worker] = []
         self._cond = threading.Condition()
-        self._pending: list[tuple[int, int, Any]] = []
+        self._pending: list[tuple[int, int, Any, Any]] = []  # (generation, index, scan, render)
         self._done: dict[tuple[int, int], tuple[str, Any]] = {}
         self._respawn = 0
         self._stop = False
@@ -248,15 +267,16 @@ class StreamingExecutor(Executor):
                 # hand out: the oldest pending tasks to the least loaded live workers
                 for w in sorted(pool, key=lambda w: len(w.assigned)):
                     while self._pending and len(w.assigned) < self.backlog:
-                        gen, idx, scan = self._pending.pop(0)
+                        task = self._pending.pop(0)
+                        gen, idx = task[:2]
                         try:
-                            w.conn.send((gen, idx, scan))
+                            w.conn.send(task)
                         except (OSError, ValueError):  # it just died: the sentinel below says so
-                            self._pending.insert(0, (gen, idx, scan))
+                            self._pending.insert(0, task)
                             break
                         w.assigned.append((gen, idx))
                 if not pool and self._pending and self._respawn == 0:
-                    for gen, idx, _ in self._pending:  # no worker left: this process does them
+                    for gen, idx, *_ in self._pending:  # no worker left: this process does them
                         self._done[(gen, idx)] = ("failed", "no worker process left")
                     self._pending.clear()
                     self._cond.notify_all()
@@ -420,10 +440,14 @@ class StreamingExecutor(Executor):
         state = {"next": 0, "sent": 0}
         ready: dict[int, Any] = {}  # results of the current batch's later scans, until they are asked for
 
+        on_cpu = getattr(getattr(ctx.pipeline, "device", None), "type", "cpu") == "cpu"
+        render = (role, protocol) if transform is None and (
+            self.render_in_workers if self.render_in_workers is not None else on_cpu) else None
+
         def hand_out(upto: int) -> None:
             with self._cond:
                 while state["sent"] < min(upto, len(scans)):
-                    self._pending.append((gen, state["sent"], scans[state["sent"]]))
+                    self._pending.append((gen, state["sent"], scans[state["sent"]], render))
                     state["sent"] += 1
 
         hand_out(ahead + 1)
@@ -444,8 +468,12 @@ class StreamingExecutor(Executor):
                     answers.append(self._done.pop((gen, i + len(answers))))
             batch = scans[i:i + len(answers)]
             extra = [self._took(kind, payload, pipeline, role_, s) for (kind, payload), s in zip(answers, batch)]
-            results = process_scans(batch, role_, protocol_, pipeline, cache_root, **kw)
-            self._intervals.extend(stage_intervals(results, time.time()))
+            made = {(s.subject, str(s.path)): (payload["renders"], payload["timings"]["render"])
+                    for (kind, payload), s in zip(answers, batch)
+                    if kind == "done" and payload.get("renders") is not None and protocol_ is protocol}
+            results = process_scans(batch, role_, protocol_, pipeline, cache_root, renders=made, **kw)
+            self._intervals.extend(stage_intervals(results, time.time(), elsewhere=[
+                ("render",) if (s.subject, str(s.path)) in made else () for s in batch]))
             if len(batch) > 1:
                 self._batches.append(len(batch))
             for j, (res, x) in enumerate(zip(results, extra)):

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -432,9 +432,7 @@ class PhotoResult:
 def _surface_for(scan: Scan, pipeline: Pipeline, cache: _cache.CacheLayout, timings: dict,
                  stage: Callable[[str], None]):
     """The scan's HeadSurface, from the cache or computed (and cached)."""
-    skey = _cache.key({"v": _cache.CACHE_VERSION, "file": pipeline.file_digest(scan.path),
-                       "surface": pipeline.surface_options()})
-    path = cache.surface(scan.subject, skey)
+    path = cache.surface(scan.subject, _surface_key(scan, pipeline))
     cached = _cache.load_surface(path)  # None when absent, or damaged (reported, then recomputed)
     if cached is not None:
         return cached
@@ -444,6 +442,12 @@ def _surface_for(scan: Scan, pipeline: Pipeline, cache: _cache.CacheLayout, timi
         surface = pipeline.surface(volume)
     _cache.save_surface(surface, path)
     return surface
+
+
+def _surface_key(scan: Scan, pipeline: Pipeline) -> str:
+    """The key of a scan's surface entry: the file's bytes and the surface code."""
+    return _cache.key({"v": _cache.CACHE_VERSION, "file": pipeline.file_digest(scan.path),
+                       "surface": pipeline.surface_options()})
 
 
 @contextlib.contextmanager
@@ -484,7 +488,8 @@ def process_scan(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache
 
 def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pipeline,
                   cache_root: "str | Path", *, images_dir: "Path | None" = None, transform: Any = None,
-                  on_stage: "Callable[[str], None] | None" = None) -> "list[ScanResult]":
+                  on_stage: "Callable[[str], None] | None" = None,
+                  renders: "Mapping[str, tuple[Any, float]] | None" = None) -> "list[ScanResult]":
     """Reconstruct, render, align and embed several scans, their device stages batched: the guarded unit.
 
     Each scan's cache lookup and surface come first, one scan at a time.
@@ -521,6 +526,10 @@ def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pip
         Render each scan after this transform (:class:`mriface.study.TransformProbes`).
     on_stage : callable, optional
         Called with each stage's name as it starts (for progress displays).
+    renders : mapping, optional
+        (subject, str(path)) of a scan -> (RenderBatch, seconds): its renders
+        already made under ``protocol`` (by a streaming worker), used instead
+        of rendering it here; the seconds count as its render time.
 
     Returns
     -------
@@ -546,7 +555,7 @@ def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pip
     todo = [i for i, r in enumerate(out) if isinstance(r, _Pending)]
     if len(todo) > 1:
         try:
-            done = _device_stages([out[i] for i in todo], protocol, pipeline, cache_root, on_stage)
+            done = _device_stages([out[i] for i in todo], protocol, pipeline, cache_root, on_stage, renders)
         except WeightsError:
             raise  # not these scans' fault: the study cannot run (exit 2)
         except Exception as exc:  # noqa: BLE001 - redone one scan at a time below, where it is guarded
@@ -563,7 +572,7 @@ def process_scans(scans: Sequence[Scan], role: str, protocol: Any, pipeline: Pip
         pending = out[i]
         res = guarded_scan(_device_stages_one, pending.scan, role, protocol, pipeline, cache_root,
                            failed=_failed_result(pending.scan, role), images_dir=images_dir, pending=pending,
-                           on_stage=on_stage)
+                           on_stage=on_stage, renders=renders)
         res.extra_problems = [*pending.extra_problems, *getattr(res, "extra_problems", [])]
         out[i] = res
     if any(not r.cached for r in out):
@@ -629,14 +638,7 @@ def _prepare(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_roo
     models, primary = list(model_ids), next(iter(model_ids))
     try:
         digest = pipeline.file_digest(scan.path)
-        skey = _cache.key({"v": _cache.CACHE_VERSION, "file": digest, "surface": pipeline.surface_options()})
-        what = {"v": _cache.CACHE_VERSION, "surface": skey, "protocol": _cache.protocol_dict(protocol),
-                "render": pipeline.render_options(), "aligner": "FaceAligner defaults",
-                "subject": scan.subject, "role": role}  # renders draw cameras from subject_rng(seed, subject)
-        if transform is not None:
-            what["transform"] = transform.identity()
-        dkey = _cache.key(what)
-        stem = cache.renders(scan.subject, role, dkey)
+        dkey, stem = render_entry(scan, role, protocol, pipeline, cache, transform=transform)
         cacheable = transform is None or transform.cacheable
         entry = _read(stem) if cacheable else None
         have = _cached_embeddings(cache, stem, dkey, model_ids, entry) if cacheable else {}
@@ -655,15 +657,35 @@ def _prepare(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_roo
     return _Pending(scan, role, surface, digest, dkey, stem, entry, have, cacheable, timings, transform, images_dir)
 
 
+def render_entry(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache: _cache.CacheLayout, *,
+                 transform: Any = None) -> "tuple[str, Path]":
+    """The key and file stem of a scan's render entry (renders' detections, then each model's embeddings).
+
+    The key covers the file's bytes, the surface and render code, the
+    protocol, the subject (renders draw their cameras from
+    ``subject_rng(seed, subject)``), the role and the transform.
+    """
+    what = {"v": _cache.CACHE_VERSION, "surface": _surface_key(scan, pipeline),
+            "protocol": _cache.protocol_dict(protocol), "render": pipeline.render_options(),
+            "aligner": "FaceAligner defaults",
+            "subject": scan.subject, "role": role}
+    if transform is not None:
+        what["transform"] = transform.identity()
+    dkey = _cache.key(what)
+    return dkey, cache.renders(scan.subject, role, dkey)
+
+
 def _device_stages_one(scan: Scan, role: str, protocol: Any, pipeline: Pipeline, cache_root: "str | Path", *,
                        images_dir: "Path | None" = None, pending: _Pending,
-                       on_stage: "Callable[[str], None] | None" = None) -> ScanResult:
+                       on_stage: "Callable[[str], None] | None" = None,
+                       renders: "Mapping[str, tuple[Any, float]] | None" = None) -> ScanResult:
     """:func:`_device_stages` of one scan (the signature :func:`~mriface.study.guard.guarded_scan` calls)."""
-    return _device_stages([pending], protocol, pipeline, cache_root, on_stage)[0]
+    return _device_stages([pending], protocol, pipeline, cache_root, on_stage, renders)[0]
 
 
 def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, cache_root: "str | Path",
-                   on_stage: "Callable[[str], None] | None") -> "list[ScanResult]":
+                   on_stage: "Callable[[str], None] | None",
+                   renders: "Mapping[str, tuple[Any, float]] | None" = None) -> "list[ScanResult]":
     """Render, align and embed the scans of ``todo`` together; write each one's entries; one result each.
 
     A render error of a single scan (e.g. nothing in front of its face
@@ -678,7 +700,8 @@ def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, ca
     pipeline.prepare(int(protocol.image_size))  # models load outside the stage timings
     try:
         with _timed("render", shared, stage):
-            batches = pipeline.render_many([(p.surface, p.scan.subject) for p in todo], protocol)
+            batches = _render(todo, protocol, pipeline, renders or {})
+        shared["render"] += sum(renders[_made(p)][1] for p in todo if renders and _made(p) in renders)
     except MRIFaceError as exc:  # e.g. a surface with nothing in front of its face frame
         if len(todo) > 1:
             raise
@@ -728,6 +751,18 @@ def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, ca
         results.append(ScanResult(p.scan.subject, p.role, p.scan.path, embs[primary], found, prob, renders,
                                   timings, False, model_embeddings=embs))
     return results
+
+
+def _render(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, renders: Mapping) -> list:
+    """One RenderBatch per scan of ``todo``: from ``renders`` where a worker made it, else rendered here."""
+    missing = [p for p in todo if _made(p) not in renders]
+    made = iter(pipeline.render_many([(p.surface, p.scan.subject) for p in missing], protocol) if missing else [])
+    return [renders[_made(p)][0] if _made(p) in renders else next(made) for p in todo]
+
+
+def _made(p: "_Pending") -> tuple[str, str]:
+    """A scan's key in :func:`process_scans`' ``renders``."""
+    return p.scan.subject, str(p.scan.path)
 
 
 def _cat(images: list):

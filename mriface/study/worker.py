@@ -94,15 +94,19 @@ def resolve_batch_scans(batch_scans: "int | None", pipeline: Any) -> int:
     return CUDA_BATCH_SCANS if getattr(dev, "type", str(dev)) == "cuda" else 1
 
 
-def stage_intervals(results: Sequence[Any], end: float, where: str = "main") -> list:
+def stage_intervals(results: Sequence[Any], end: float, where: str = "main",
+                    elsewhere: "Sequence[Iterable[str]] | None" = None) -> list:
     """(where, stage, start, end) of the stages a batch of results did here, laid end to end backwards from ``end``.
 
     Each stage's seconds are summed over the batch (a batched stage's time is
     shared out among its scans, so the sum is the batch's time).
+    ``elsewhere`` (one per result): stages of that result that a worker did,
+    left out.
     """
     out = []
+    skip = [set(e) for e in elsewhere] if elsewhere is not None else [set()] * len(results)
     for stage in ("embed", "align", "render", "transform", "surface", "load"):
-        total = sum(r.timings.get(stage, 0.0) for r in results if not r.cached)
+        total = sum(r.timings.get(stage, 0.0) for r, x in zip(results, skip) if not r.cached and stage not in x)
         if total > 0:
             out.append((where, stage, end - total, end))
             end -= total
@@ -178,32 +182,49 @@ def worker_copy(pipeline: Any) -> Any:
     return twin
 
 
-def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path") -> dict:
-    """Worker side: make sure ``scan``'s surface is in the cache (load + reconstruct + write).
+def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path", render: "tuple[str, Any] | None" = None) -> dict:
+    """Worker side: make sure ``scan``'s surface is in the cache (load + reconstruct + write); maybe render it.
+
+    Parameters
+    ----------
+    render : (role, RenderProtocol), optional
+        Also render the scan under this protocol, unless its render entry
+        for ``role`` is cached (the CPU executors: the main process then
+        only aligns and embeds; :func:`~mriface.study.stages.process_scans`'
+        ``renders``). Renders have the same bits with any number of threads
+        (:func:`mriface.render.shade.shade_points`), so a one-thread worker
+        makes what the main process would.
 
     Returns
     -------
     dict
-        ``timings`` (seconds of ``load``/``surface``; empty when the surface
-        was cached), ``intervals`` [(stage, start, end)] in ``time.time()``
-        seconds, ``digests`` (the pipeline's file-hash memo for this scan, so
-        that this process need not hash the file again), ``pid``.
+        ``timings`` (seconds of ``load``/``surface``/``render``; empty when
+        nothing was done), ``intervals`` [(stage, start, end)] in
+        ``time.time()`` seconds, ``renders`` (the RenderBatch, or None),
+        ``digests`` (the pipeline's file-hash memo for this scan, so that
+        this process need not hash the file again), ``pid``.
     """
     from . import cache as _cache
-    from .stages import _surface_for
+    from .stages import _read, _surface_for, _timed, render_entry
 
     timings: dict[str, float] = {}
-    _surface_for(scan, pipeline, _cache.CacheLayout(cache_root), timings, lambda name: None)
+    cache = _cache.CacheLayout(cache_root)
+    surface = _surface_for(scan, pipeline, cache, timings, lambda name: None)
+    batch = None
+    if render is not None and _read(render_entry(scan, render[0], render[1], pipeline, cache)[1]) is None:
+        with _timed("render", timings, lambda name: None):
+            batch = pipeline.render(surface, scan.subject, render[1])
+    del surface
     release_memory()  # the volume and the surface are gone: return their pages before the next scan
     end = time.time()
     intervals = []
-    for stage in reversed([s for s in ("load", "surface") if s in timings]):
+    for stage in reversed([s for s in ("load", "surface", "render") if s in timings]):
         intervals.append((stage, end - timings[stage], end))
         end -= timings[stage]
     memo = getattr(pipeline, "_digests", None)
     digests = {k: v for k, v in memo.items() if k and k[0] == str(scan.path)} if isinstance(memo, dict) else {}
-    return {"timings": timings, "intervals": intervals[::-1], "digests": digests, "pid": os.getpid(),
-            "peak_rss_mb": peak_rss_mb()}
+    return {"timings": timings, "intervals": intervals[::-1], "renders": batch, "digests": digests,
+            "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 
 def peak_rss_mb() -> "float | None":
@@ -234,7 +255,7 @@ def _limit_threads(threads: int) -> None:
 
 
 def worker_main(conn: Any, threads: int) -> None:
-    """A streaming worker: ``("setup", pipeline, cache_root)``, then (generation, index, scan) tasks until None.
+    """A streaming worker: ``("setup", pipeline, cache_root)``, then (generation, index, scan, render) tasks until None.
 
     Started before the study knows its pipeline, so that its imports overlap
     with reading the inputs; the pipeline comes as the first message.
@@ -256,10 +277,10 @@ def worker_main(conn: Any, threads: int) -> None:
         if task[0] == "setup":
             _, pipeline, cache_root = task
             continue
-        gen, idx, scan = task
+        gen, idx, scan, render = task
         conn.send(("start", gen, idx, os.getpid()))
         try:
-            out = prefetch_surface(pipeline, scan, cache_root)
+            out = prefetch_surface(pipeline, scan, cache_root, render)
             conn.send(("done", gen, idx, out))
         except Exception as exc:  # noqa: BLE001 - reported; the main process then does the scan itself
             first = (str(exc).splitlines() or [""])[0]
