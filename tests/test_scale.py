@@ -262,6 +262,22 @@ def test_streaming_in_batches_of_three_gives_the_same_tables(reference, tmp_path
     assert "batches of up to 3 scans" in (out / "study.log").read_text()
 
 
+def test_workers_run_at_a_lower_priority_than_the_main_process():
+    """So that the main process's multi-threaded align/embed bursts are not stalled by a worker holding a core."""
+    if not hasattr(os, "getpriority"):
+        pytest.skip("os.getpriority is POSIX-only; the workers' os.nice is skipped there too")
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    with StreamingExecutor(1) as ex:
+        pid = ex._pool[0].proc.pid
+        deadline = time.time() + 60
+        while os.getpriority(os.PRIO_PROCESS, pid) != want and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == want
+    with StreamingExecutor(1, nice=0) as ex:
+        time.sleep(0.5)
+        assert os.getpriority(os.PRIO_PROCESS, ex._pool[0].proc.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def test_batch_scans_defaults_by_device():
     from mriface.study.worker import resolve_batch_scans
 

@@ -159,6 +159,14 @@ class StreamingExecutor(Executor):
         there this process's render, align, embed and photographs were the
         slowest step of the pipeline; on CUDA this process renders, in
         batches on the device.
+    nice : int
+        How much lower the workers' scheduling priority is than this
+        process's (``os.nice``; default 10, 0 for none). This process aligns
+        and embeds in short bursts on every core; when a worker held one of
+        the cores, every thread of a burst waited for it, so on 2 cores the
+        main process's stages ran several times slower than alone. At a
+        lower priority the workers yield at once and still get every idle
+        cycle.
     start_method : str
         ``"spawn"`` (default) or ``"forkserver"``; never ``"fork"``: a forked
         copy of a process that has used torch's thread pools can hang.
@@ -184,7 +192,7 @@ class StreamingExecutor(Executor):
     backlog = 2
 
     def __init__(self, workers: "int | None" = None, *, lookahead: "int | None" = None, threads: int = 1,
-                 batch_scans: "int | None" = None, render_in_workers: "bool | None" = None,
+                 batch_scans: "int | None" = None, render_in_workers: "bool | None" = None, nice: int = 10,
                  start_method: str = "spawn"):
         super().__init__()
         self.workers = int(workers) if workers is not None else default_workers()
@@ -194,6 +202,7 @@ class StreamingExecutor(Executor):
             raise MRIFaceError("start_method='fork': use 'spawn' or 'forkserver' (torch and fork do not mix)")
         self.lookahead = int(lookahead) if lookahead is not None else 2 * self.workers
         self.threads = max(1, int(threads))
+        self.nice = max(0, int(nice))
         self.batch_scans = None if batch_scans is None else resolve_batch_scans(batch_scans, None)
         self.render_in_workers = render_in_workers
         self._batches: list[int] = []
@@ -244,7 +253,8 @@ class StreamingExecutor(Executor):
     def _spawn(self) -> None:
         """Start one worker (on the calling thread: the thread-pool variables go through os.environ)."""
         ours, theirs = self._mp.Pipe(duplex=True)
-        p = self._mp.Process(target=worker_main, name="mriface-surface", args=(theirs, self.threads), daemon=True)
+        p = self._mp.Process(target=worker_main, name="mriface-surface", args=(theirs, self.threads, self.nice),
+                             daemon=True)
         with thread_env(self.threads):
             p.start()
         theirs.close()

@@ -254,7 +254,7 @@ def _limit_threads(threads: int) -> None:
         pass
 
 
-def worker_main(conn: Any, threads: int) -> None:
+def worker_main(conn: Any, threads: int, nice: int = 0) -> None:
     """A streaming worker: ``("setup", pipeline, cache_root)``, then (generation, index, scan, render) tasks until None.
 
     Started before the study knows its pipeline, so that its imports overlap
@@ -264,6 +264,9 @@ def worker_main(conn: Any, threads: int) -> None:
     on a shared queue would hold the queue's lock and stall the others.
     """
     _limit_threads(threads)
+    if nice > 0:
+        with contextlib.suppress(OSError, AttributeError):  # lowering one's own priority needs no rights
+            os.nice(int(nice))
     from .stages import _surface_for  # noqa: F401 - import the stages now, before the first scan arrives
 
     pipeline = cache_root = None
