@@ -59,8 +59,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--check-views", type=int, default=16)
     ap.add_argument("--check-size", type=int, default=512)
     ap.add_argument("--target-faces", type=int, default=None)
-    ap.add_argument("--margin", type=float, default=0.05,
-                    help="own similarity to be below the impostor references' by this much (cosine)")
+    ap.add_argument("--margin", type=float, default=None,
+                    help="own similarity to be below the impostor references' by this much (cosine; "
+                         "default: adversarial_face's)")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--profile", default=None, help="write cProfile stats (CPU time) here and print the top")
     ap.add_argument("--json", default="benchmarks/out/deface-adversarial.json")
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
     ctx, how = _context(vol, dev)
     model = get_model(a.model, device=dev, random_weights=a.random_weights)
     # random weights give a random target: stop by steps only (a margin no render reaches)
-    margin = 3.0 if a.random_weights else a.margin
+    margin = {"margin": 3.0} if a.random_weights else ({} if a.margin is None else {"margin": a.margin})
     prof = None
     if a.profile:
         import cProfile
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     _, _, info = adversarial_face(vol, ctx, model=model, steps=a.steps, rounds=a.rounds, views=a.views,
                                   image_size=a.image_size, check_views=a.check_views, check_size=a.check_size,
                                   target_faces=a.target_faces,
-                                  margin=margin, device=dev, verify=not a.no_verify)
+                                  **margin, device=dev, verify=not a.no_verify)
     sync(dev)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof:

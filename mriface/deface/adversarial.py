@@ -213,13 +213,14 @@ def _onet_logit(aligner, boxes: torch.Tensor):
 
 def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement_mm: float = 4.0,
                      model: "str | object" = "facenet", weights=None, random_weights: bool = False,
-                     steps: int = 8, rounds: int = 2, impostors=DEFAULT_IMPOSTORS, impostor_views: int = 10,
-                     margin: float = 0.05,
+                     steps: int = 8, rounds: int = 3, impostors=DEFAULT_IMPOSTORS, impostor_views: int = 10,
+                     margin: float = 0.1, max_margin: float = 0.3,
                      views: int = 8, batch_views: int = 4, image_size: int = 192, lr: float = 0.3,
                      smooth_iters: int = 10, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
                      detect_weight: float = 0.2, face_logit: float = 4.6, shell_mm: "float | None" = None,
                      seed: "int | None" = None, device="auto", backend: str = "auto",
-                     check_views: int = 16, check_size: int = 512, min_detect: float = 0.9,
+                     check_views: int = 16, check_size: int = 512, min_detect: float = 0.95,
+                     check_prob: float = 0.99, max_backoffs: int = 3,
                      target_faces: "int | None" = None, verify: bool = True, info: "dict | None" = None):
     """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for someone else.
 
@@ -239,10 +240,13 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     smooth. Each round of ``steps`` Adam steps is followed by a check of the
     *written-back volume*: its surface is re-extracted (as any study does),
     rendered under ``check_views`` new views (seed + 2, ``check_size`` px)
-    and run through MTCNN and the face model. If MTCNN (p >= 0.95) finds a
-    face in fewer than ``min_detect`` of them, the displacement is scaled back
-    (x 0.7, at most twice); if the own similarity is not yet below the
-    impostor's, the next round pushes with a larger margin.
+    and run through MTCNN and the face model. If MTCNN finds a face with
+    p >= ``check_prob`` (0.99) in fewer than ``min_detect`` of them (and in
+    fewer than in the original's renders under the same views), the
+    displacement is scaled back (x 0.7, at most ``max_backoffs`` times), the detection hinge's
+    weight doubles, and the next round optimises on at the smaller scale;
+    if the own similarity is not yet ``margin / 2`` below the impostor's,
+    the next round pushes with a larger margin (at most ``max_margin``).
 
     Parameters
     ----------
@@ -268,7 +272,15 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     impostor_views : int
         Renders per impostor reference (seed + 3; computed once per process).
     margin : float
-        How far below the impostor similarity the own similarity is pushed (cosine).
+        How far below the impostor similarity the own similarity is pushed
+        (cosine). 0.1: the two average heads match a render better than a
+        typical other person does (they resemble everyone a little), so a
+        render only as close to its own original as to them still ranked
+        its own scan in the top fifth of a 43-person gallery (0.05, median
+        rank 10 of 43 on the synthetic cohort, docs/deidentification.md).
+    max_margin : float
+        The margin grows after a round whose written-back volume kept too
+        little of the edit; it never exceeds this.
     views, batch_views, image_size
         Pool of random views (the render protocol's ranges, seed + 1; views
         where MTCNN finds no face on the original are dropped), views per
@@ -290,8 +302,19 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         Where rendering and the face model run ('auto' = CUDA when present).
     backend : str
         Rasterizer with vertex gradients ('auto': zbuffer on CUDA, embree on the CPU).
-    check_views, check_size, min_detect
-        The check of the written-back volume (0 views: no check).
+    check_views, check_size, min_detect, check_prob
+        The check of the written-back volume (0 views: no check). The
+        displacement is scaled back (x 0.7) while MTCNN finds a face with
+        p >= ``check_prob`` in fewer than ``min_detect`` of its renders, and
+        fewer than in the same views of the original head (rendered only
+        when needed: a head that is itself missed in some views is not held
+        to more). 0.99 rather than the 0.95 a study counts: the 16 check
+        views are a sample, and a defaced head whose check renders all had
+        p >= 0.95 (some only 0.975) still lost 3 of 10 other views at 0.95;
+        the renders the check passes at 0.99 keep a margin for views it does
+        not see (docs/deidentification.md).
+    max_backoffs : int
+        Scale-backs at most (each also doubles ``detect_weight`` for the rounds after it).
     target_faces : int, optional
         Decimate the skin mesh that is optimised to about this many triangles.
     verify : bool
@@ -435,6 +458,25 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     def full(d_act):
         return torch.zeros(len(verts0), device=dev, dtype=d_act.dtype).index_put((act,), d_act)
 
+    def check_renders(surface):
+        """The check's renders of a surface (``check_views`` new views, seed + 2), aligned by MTCNN."""
+        prot = RenderProtocol(views=int(check_views), image_size=int(check_size), seed=seed + 2)
+        with torch.no_grad():
+            imgs = render_views({"adversarial": surface}, prot, backend=backend, device=dev).images
+        al = FaceAligner(device=dev, crops=aligner.crops).align(imgs.cpu())
+        prob = np.nan_to_num(np.asarray(al.prob, float))
+        return al, int((prob >= float(check_prob)).sum()), prob
+
+    original_share = []  # the original head's check share, rendered once and only when a check falls short
+
+    def detect_floor() -> float:
+        """The share of check renders that must hold a face: ``min_detect``, or the original's own share."""
+        if not original_share:
+            c = time.process_time()
+            al, n, _ = check_renders(surf)  # the same extraction (and decimation) as the checks of the edit
+            original_share.append((n / max(len(al), 1), round(time.process_time() - c, 2)))
+        return min(float(min_detect), original_share[0][0])
+
     def check(disp):
         """Write back, re-extract, render new views, detect and embed: (volume, surface, facts)."""
         c1 = time.process_time()
@@ -444,20 +486,20 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
                                    target_faces=target_faces)
         facts = {}
         if check_views > 0:
-            prot = RenderProtocol(views=int(check_views), image_size=int(check_size), seed=seed + 2)
+            al, n_face, prob = check_renders(new)
+            hit = np.asarray(al.found, bool)
             with torch.no_grad():
-                imgs = render_views({"adversarial": new}, prot, backend=backend, device=dev).images
-                al = FaceAligner(device=dev, crops=aligner.crops).align(imgs.cpu())
-                hit = np.asarray(al.found, bool)
-                p95 = int((np.nan_to_num(np.asarray(al.prob, float)) >= 0.95).sum())
                 sim = imp = float("nan")
                 if hit.any():
                     c = al.crop_for(emb.crop)[torch.as_tensor(hit)]
                     e = torch.nn.functional.normalize(embed(c.to(dev)).float(), dim=1)
                     sim = float((e @ e_orig.T).max(1).values.mean())
                     imp = float(impostor_match(e, False).mean())
-            facts = {"views": int(check_views), "size": int(check_size), "mtcnn_p95": f"{p95}/{len(hit)}",
-                     "p95_share": p95 / max(len(hit), 1), "similarity": round(sim, 4),
+            facts = {"views": int(check_views), "size": int(check_size),
+                     "mtcnn_p95": f"{int((prob >= 0.95).sum())}/{len(hit)}",
+                     f"mtcnn_p{round(100 * float(check_prob))}": f"{n_face}/{len(hit)}",
+                     "mtcnn_prob": [round(float(x), 3) for x in prob],
+                     "face_share": n_face / max(len(hit), 1), "similarity": round(sim, 4),
                      "impostor_similarity": round(imp, 4), "gap": round(sim - imp, 4)}
         facts["cpu_s"] = {"write_back": round(c2 - c1, 2),
                           "surface_render_detect_embed": round(time.process_time() - c2, 2)}
@@ -465,6 +507,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
 
     history, checks = [], []
     out = new_surface = None
+    detect_w, backoff = float(detect_weight), 0
     for rnd in range(max(1, int(rounds))):
         for step in range(int(steps)):
             pick = torch.randperm(n_pool, generator=gen)[:int(batch_views)]
@@ -475,7 +518,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             gap = best_match(e, pick) - impostor_match(e)  # own minus impostor: below -margin is the goal
             loss = torch.relu(gap + margin).mean()
             if onet is not None:
-                loss = loss + detect_weight * torch.relu(face_logit - onet(img, pick)).mean()
+                loss = loss + detect_w * torch.relu(face_logit - onet(img, pick)).mean()
             lap = d - torch.sparse.mm(smooth, d[:, None])[:, 0]
             loss = loss + smooth_weight * (lap ** 2).mean() / max(float(wt.mean()), 1e-6)
             opt.zero_grad()
@@ -489,19 +532,21 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         out, new_surface, facts = check(disp)
         facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
         checks.append(facts)
-        backoff = 0
         # the face must stay a face (where MTCNN found one on the original: not on a phantom)
-        while facts and alignment_source == "mtcnn" and facts["p95_share"] < min_detect and backoff < 2:
+        while facts and alignment_source == "mtcnn" and facts["face_share"] < min_detect \
+                and backoff < int(max_backoffs) and facts["face_share"] < detect_floor():
             scale *= 0.7
             backoff += 1
+            detect_w *= 2.0  # the rounds after a scale-back hold the detection hinge harder
             with torch.no_grad():
                 disp = full(displacement(p)).cpu().numpy().astype(np.float64)
             out, new_surface, facts = check(disp)
             facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
             checks.append(facts)
-        if not facts or backoff or not facts["gap"] > -margin / 2:  # NaN (no face, or a phantom): stop too
+        if not facts or not facts["gap"] > -margin / 2:  # NaN (no face, or a phantom): stop too
             break
-        margin += facts["gap"] + margin  # the written-back volume keeps part of the edit: push further
+        # the written-back volume keeps part of the edit (or a scale-back undid part of it): push further
+        margin = min(float(max_margin), margin + facts["gap"] + margin)
     timing["optimise_check"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("optimise_check")
 
@@ -528,6 +573,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         "similarity_to_identity_end": round(sim_final, 4),
         "similarity_history": history,
         "mtcnn_found_original": f"{int(al0.found.sum())}/{len(al0)}",
+        "scale_backs": backoff,
+        "original_check_face_share": round(original_share[0][0], 4) if original_share else None,
+        "original_check_cpu_s": original_share[0][1] if original_share else None,
         "check": checks[-1] if checks else {},
         "checks": checks,
     }
