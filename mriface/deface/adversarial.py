@@ -220,7 +220,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
                      detect_weight: float = 0.2, face_logit: float = 4.6, shell_mm: "float | None" = None,
                      seed: "int | None" = None, device="auto", backend: str = "auto",
                      check_views: int = 16, check_size: int = 512, min_detect: float = 0.95,
-                     check_prob: float = 0.99, max_backoffs: int = 3,
+                     check_prob: float = 0.99, max_backoffs: int = 3, similarity_cap: "float | None" = None,
                      target_faces: "int | None" = None, verify: bool = True, info: "dict | None" = None):
     """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for someone else.
 
@@ -315,6 +315,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         not see (docs/deidentification.md).
     max_backoffs : int
         Scale-backs at most (each also doubles ``detect_weight`` for the rounds after it).
+    similarity_cap : float, optional
+        Also push the own similarity below this cosine (an absolute goal beside the
+        impostor-relative one; off by default; experimental, docs/deidentification.md).
     target_faces : int, optional
         Decimate the skin mesh that is optimised to about this many triangles.
     verify : bool
@@ -433,11 +436,17 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     imp_start = max((r[2] for r in refs), default=float("nan"))
 
     def impostor_match(e, soft=True):
-        """(B,) each render's (soft) best cosine to the impostor references (a constant without any)."""
+        """(B,) each render's (soft) best cosine to the impostor references (a constant without any).
+
+        With ``similarity_cap``, at most ``similarity_cap + margin``: the own similarity's goal is
+        then also below the cap, however closely the impostor references resemble the face.
+        """
         if e_imp is None:
-            return torch.full((len(e),), DEFAULT_IMPOSTOR_SIMILARITY, device=e.device)
-        s = e.float() @ e_imp.T
-        return torch.logsumexp(20.0 * s, dim=1) / 20.0 if soft else s.max(1).values
+            m = torch.full((len(e),), DEFAULT_IMPOSTOR_SIMILARITY, device=e.device)
+        else:
+            s = e.float() @ e_imp.T
+            m = torch.logsumexp(20.0 * s, dim=1) / 20.0 if soft else s.max(1).values
+        return m if similarity_cap is None else m.clamp_max(float(similarity_cap) + margin)
     timing["setup_detect"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("setup_detect")
 
