@@ -103,8 +103,8 @@ def _add_study(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--bids-suffix", default="T1w,FLAIR",
                    help="BIDS scan suffixes to take, in order of preference (default T1w,FLAIR)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes that load and reconstruct scans while this one renders and embeds "
-                   "(default: this machine's cores; 1: one scan at a time); results are the same")
+                   help="processes that load and reconstruct (on the CPU also render) scans while this one "
+                   "detects and embeds (default: this machine's cores; 1: one scan at a time); results are the same")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray (pip install 'mriface[ray]'): join the cluster at ADDRESS ('auto', "
                    "HOST:6379), or without ADDRESS start Ray on this machine; see docs/scale.md")
