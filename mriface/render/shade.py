@@ -231,11 +231,10 @@ def _pow(x: torch.Tensor, exponent: "torch.Tensor | float") -> torch.Tensor:
     if x.device.type != "cpu" or x.numel() <= _POW_PIECE:
         return x.pow(exponent)
     flat = x.reshape(-1)
-    if isinstance(exponent, torch.Tensor) and exponent.dim() > 0:
-        e = exponent.expand_as(x).reshape(-1)
-        parts = [flat[i:i + _POW_PIECE].pow(e[i:i + _POW_PIECE]) for i in range(0, flat.numel(), _POW_PIECE)]
-    else:
-        parts = [flat[i:i + _POW_PIECE].pow(exponent) for i in range(0, flat.numel(), _POW_PIECE)]
+    per_element = isinstance(exponent, torch.Tensor) and exponent.dim() > 0
+    e = exponent.expand_as(x).reshape(-1) if per_element else exponent
+    parts = [flat[i:i + _POW_PIECE].pow(e[i:i + _POW_PIECE] if per_element else e)
+             for i in range(0, flat.numel(), _POW_PIECE)]
     return torch.cat(parts).reshape(x.shape)
 
 

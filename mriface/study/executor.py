@@ -68,8 +68,8 @@ from typing import Any
 
 from ..errors import MRIFaceError
 from .worker import (  # noqa: F401 - Executor, busy_summary, peak_rss_mb, prefetch_surface: re-exported
-    Executor, busy_summary, log_busy, peak_rss_mb, prefetch_surface, resolve_batch_scans, stage_intervals, thread_env,
-    worker_copy, worker_main)
+    Executor, busy_summary, log_busy, on_cuda, peak_rss_mb, prefetch_surface, resolve_batch_scans, stage_intervals,
+    thread_env, worker_copy, worker_main)
 
 __all__ = ["EXECUTORS", "Executor", "StreamingExecutor", "default_workers", "open_executor", "busy_summary"]
 
@@ -450,9 +450,8 @@ class StreamingExecutor(Executor):
         state = {"next": 0, "sent": 0}
         ready: dict[int, Any] = {}  # results of the current batch's later scans, until they are asked for
 
-        on_cpu = getattr(getattr(ctx.pipeline, "device", None), "type", "cpu") == "cpu"
         render = (role, protocol) if transform is None and (
-            self.render_in_workers if self.render_in_workers is not None else on_cpu) else None
+            self.render_in_workers if self.render_in_workers is not None else not on_cuda(ctx.pipeline)) else None
 
         def hand_out(upto: int) -> None:
             with self._cond:

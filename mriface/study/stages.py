@@ -700,8 +700,8 @@ def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, ca
     pipeline.prepare(int(protocol.image_size))  # models load outside the stage timings
     try:
         with _timed("render", shared, stage):
-            batches = _render(todo, protocol, pipeline, renders or {})
-        shared["render"] += sum(renders[_made(p)][1] for p in todo if renders and _made(p) in renders)
+            batches, worker_s = _render(todo, protocol, pipeline, renders or {})
+        shared["render"] += worker_s
     except MRIFaceError as exc:  # e.g. a surface with nothing in front of its face frame
         if len(todo) > 1:
             raise
@@ -753,16 +753,14 @@ def _device_stages(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, ca
     return results
 
 
-def _render(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, renders: Mapping) -> list:
-    """One RenderBatch per scan of ``todo``: from ``renders`` where a worker made it, else rendered here."""
-    missing = [p for p in todo if _made(p) not in renders]
+def _render(todo: "list[_Pending]", protocol: Any, pipeline: Pipeline, renders: Mapping) -> "tuple[list, float]":
+    """One RenderBatch per scan of ``todo`` (from ``renders`` where a worker made it, else rendered here),
+    and the seconds the workers spent on theirs."""
+    keys = [(p.scan.subject, str(p.scan.path)) for p in todo]
+    missing = [p for p, k in zip(todo, keys) if k not in renders]
     made = iter(pipeline.render_many([(p.surface, p.scan.subject) for p in missing], protocol) if missing else [])
-    return [renders[_made(p)][0] if _made(p) in renders else next(made) for p in todo]
-
-
-def _made(p: "_Pending") -> tuple[str, str]:
-    """A scan's key in :func:`process_scans`' ``renders``."""
-    return p.scan.subject, str(p.scan.path)
+    batches = [renders[k][0] if k in renders else next(made) for k in keys]
+    return batches, float(sum(renders[k][1] for k in keys if k in renders))
 
 
 def _cat(images: list):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .memory import release_memory
 
 __all__ = ["Executor", "busy_summary", "log_busy", "worker_copy", "prefetch_surface", "peak_rss_mb", "worker_main",
-           "thread_env", "resolve_batch_scans", "stage_intervals", "release_memory"]
+           "thread_env", "resolve_batch_scans", "on_cuda", "stage_intervals", "release_memory"]
 
 log = logging.getLogger("mriface.study")
 
@@ -90,8 +90,13 @@ def resolve_batch_scans(batch_scans: "int | None", pipeline: Any) -> int:
 
             raise MRIFaceError(f"batch_scans={batch_scans}: give at least 1 scan per batch")
         return int(batch_scans)
+    return CUDA_BATCH_SCANS if on_cuda(pipeline) else 1
+
+
+def on_cuda(pipeline: Any) -> bool:
+    """Whether the pipeline's stages run on a CUDA device (a pipeline without ``device``: the CPU)."""
     dev = getattr(pipeline, "device", "cpu")
-    return CUDA_BATCH_SCANS if getattr(dev, "type", str(dev)) == "cuda" else 1
+    return getattr(dev, "type", str(dev)) == "cuda"
 
 
 def stage_intervals(results: Sequence[Any], end: float, where: str = "main",
@@ -182,7 +187,8 @@ def worker_copy(pipeline: Any) -> Any:
     return twin
 
 
-def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path", render: "tuple[str, Any] | None" = None) -> dict:
+def prefetch_surface(pipeline: Any, scan: Any, cache_root: "str | Path",
+                     render: "tuple[str, Any] | None" = None) -> dict:
     """Worker side: make sure ``scan``'s surface is in the cache (load + reconstruct + write); maybe render it.
 
     Parameters
