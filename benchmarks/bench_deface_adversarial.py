@@ -59,9 +59,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--check-views", type=int, default=16)
     ap.add_argument("--check-size", type=int, default=512)
     ap.add_argument("--target-faces", type=int, default=None)
-    ap.add_argument("--margin", type=float, default=None,
-                    help="own similarity to be below the impostor references' by this much (cosine; "
-                         "default: adversarial_face's)")
+    ap.add_argument("--target-gap", type=float, default=None,
+                    help="a fixed goal for own minus impostor similarity (cosine; default: the drawn stranger's)")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--profile", default=None, help="write cProfile stats (CPU time) here and print the top")
     ap.add_argument("--json", default="benchmarks/out/deface-adversarial.json")
@@ -77,8 +76,8 @@ def main(argv=None) -> dict:
     vol = load_volume(datasets.fetch(a.head))
     ctx, how = _context(vol, dev)
     model = get_model(a.model, device=dev, random_weights=a.random_weights)
-    # random weights give a random target: stop by steps only (a margin no render reaches)
-    margin = {"margin": 3.0} if a.random_weights else ({} if a.margin is None else {"margin": a.margin})
+    # random weights give a random target: stop by steps only (a goal no render reaches)
+    goal = {"target_gap": -3.0} if a.random_weights else ({} if a.target_gap is None else {"target_gap": a.target_gap})
     prof = None
     if a.profile:
         import cProfile
@@ -92,7 +91,7 @@ def main(argv=None) -> dict:
     _, _, info = adversarial_face(vol, ctx, model=model, steps=a.steps, rounds=a.rounds, views=a.views,
                                   image_size=a.image_size, check_views=a.check_views, check_size=a.check_size,
                                   target_faces=a.target_faces,
-                                  **margin, device=dev, verify=not a.no_verify)
+                                  **goal, device=dev, verify=not a.no_verify)
     sync(dev)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof:

@@ -3,10 +3,12 @@
 Instead of removing the face, the skin surface inside the face region is
 pushed along its normals by a small, smooth displacement field (at most
 ``max_displacement_mm``) chosen with the differentiable renderer and a face
-model's gradients so that each render of the head matches other faces (the
-impostor references, by default the two average heads on the index) better
-than the original head's renders: rank-aware, as the study ranks by best
-match. The objective is the expectation over the render protocol's random
+model's gradients so that each render of the head is no closer to the
+original head's renders than a stranger's face would be: rank-aware, as the
+study ranks by best match. "A stranger" is measured against impostor
+references (by default the two average heads on the index), and each scan
+draws its own place among the strangers (:func:`stranger_target`), so that
+over a cohort the defaced scans' own ranks spread as chance's. The objective is the expectation over the render protocol's random
 views, lights and skin tones (a pool of views drawn with
 :func:`mriface.render.sample_view_params`, a random batch per step), with a
 hinge on MTCNN's O-net face logit so that the face stays detectable, and
@@ -61,7 +63,8 @@ from .core import DefaceContext, DefaceError, register_method
 from .skinwarp import _submesh_smoothing, smoothing_operator, vertex_face_weight, warp_volume_near_skin
 
 __all__ = ["adversarial_face", "vertex_face_weight", "warp_volume_near_skin", "smoothing_operator",
-           "DEFAULT_IMPOSTORS", "SAME_FACE_SIMILARITY", "DEFAULT_IMPOSTOR_SIMILARITY"]
+           "DEFAULT_IMPOSTORS", "SAME_FACE_SIMILARITY", "DEFAULT_IMPOSTOR_SIMILARITY", "STRANGER_OFFSET",
+           "STRANGER_SD", "render_embed", "stranger_target", "check_similarities"]
 
 
 def _embed_fn(emb):
@@ -139,7 +142,57 @@ SAME_FACE_SIMILARITY = 0.9
 #: The goal when no impostor reference is usable (no face found in its renders): cosine to own renders.
 DEFAULT_IMPOSTOR_SIMILARITY = 0.3
 
+#: How far below the impostor references' similarity a stranger's lies, on the check's scale (cosine;
+#: FaceNet). The average heads resemble everyone a little, and more so the edited face: on 16 held-out
+#: participants of the synthetic cohort (syn044-syn060), defaced with this method and scored by the
+#: scan-to-scan study against 41 originals, the own-minus-strangers score sat 0.120 above the check's gap
+#: (s.e. 0.011). ``python -m benchmarks.calibrate_stranger`` measures it (docs/deidentification.md).
+STRANGER_OFFSET = 0.12
+#: The spread of a participant's study scores across strangers (the same calibration: 0.074).
+STRANGER_SD = 0.075
+
 _IMPOSTOR_CACHE: dict = {}
+
+
+def render_embed(surface, emb, embed, *, views: int, size: int, seed: int, backend: str, device,
+                 crops=None):
+    """Render a surface under random views, find the faces and embed them.
+
+    Parameters
+    ----------
+    surface : HeadSurface
+        Rendered under ``RenderProtocol(views, size, seed)``: cameras in the head's own face frame.
+    emb, embed
+        The face model and its embedding function ((B, 3, S, S) crops -> (B, D)).
+    crops : tuple of CropSpec, optional
+        Crops the aligner makes (default: the model's own).
+
+    Returns
+    -------
+    prob : np.ndarray, (V,)
+        MTCNN's face probability per render (0 where it found none).
+    found : np.ndarray of bool, (V,)
+    e : torch.Tensor, (V, D)
+        Unit embeddings of the renders with a face (zero rows elsewhere), on ``device``.
+    aligned : FaceAlignment
+    """
+    from ..recognition import FaceAligner
+    from ..render import RenderProtocol, render_views
+
+    prot = RenderProtocol(views=int(views), image_size=int(size), seed=int(seed))
+    with torch.no_grad():
+        imgs = render_views({"head": surface}, prot, backend=backend, device=device).images
+    al = FaceAligner(device=device, crops=tuple(crops or (emb.crop,))).align(imgs.cpu())
+    found = np.asarray(al.found, bool)
+    prob = np.nan_to_num(np.asarray(al.prob, float))
+    e = None
+    if found.any():
+        with torch.no_grad():
+            got = torch.nn.functional.normalize(
+                embed(al.crop_for(emb.crop)[torch.as_tensor(found)].to(device)).float(), dim=1)
+        e = torch.zeros((len(found), got.shape[1]), device=got.device)
+        e[torch.as_tensor(found, device=got.device)] = got
+    return prob, found, e, al
 
 
 def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, backend: str, device) -> torch.Tensor:
@@ -149,8 +202,6 @@ def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, b
     face frame), so they are computed once per process for a sample key, face model and protocol.
     """
     from .. import datasets
-    from ..recognition import FaceAligner
-    from ..render import RenderProtocol, render_views
     from ..surface import extract_head_surface
     from ..volume import load_volume
 
@@ -160,18 +211,83 @@ def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, b
         return _IMPOSTOR_CACHE[ident]
     vol = load_volume(datasets.fetch(key)) if isinstance(key, str) else key
     surf = extract_head_surface(vol, device=device)
-    imgs = render_views({"impostor": surf}, RenderProtocol(views=int(views), image_size=int(size), seed=int(seed)),
-                        backend=backend, device=device).images
-    al = FaceAligner(device=device, crops=(emb.crop,)).align(imgs.cpu())
-    found = torch.as_tensor(np.asarray(al.found, bool))
-    with torch.no_grad():
-        e = torch.nn.functional.normalize(embed(al.crop_for(emb.crop)[found].to(device)).float(), dim=1) \
-            if found.any() else torch.zeros((0, 1))
+    _, found, e, _ = render_embed(surf, emb, embed, views=views, size=size, seed=seed, backend=backend, device=device)
+    e = e[torch.as_tensor(found, device=e.device)] if e is not None else torch.zeros((0, 1))
     if ident is not None:
         if len(_IMPOSTOR_CACHE) > 16:
             _IMPOSTOR_CACHE.clear()
         _IMPOSTOR_CACHE[ident] = e
     return e
+
+
+def check_similarities(e, found, e_orig, orig_found, e_imp) -> "tuple[float, float]":
+    """Score a defaced head's check renders as a study scores a probe: (own, impostor) similarity.
+
+    Parameters
+    ----------
+    e : torch.Tensor, (V, D)
+        Unit embeddings of the defaced head's renders under V views (rows of views without a face unused).
+    found : array of bool, (V,)
+    e_orig : torch.Tensor, (V, D) or None
+        The original head's renders under the *same* V views.
+    orig_found : array of bool, (V,)
+    e_imp : torch.Tensor, (K, D) or None
+        The impostor references' renders (none: :data:`DEFAULT_IMPOSTOR_SIMILARITY`).
+
+    Returns
+    -------
+    own : float
+        Mean over the views with a face of the best cosine to the original's renders of the
+        *other* views (leave-one-out: a gallery never holds the probe's own view).
+    impostor : float
+        Mean over the same views of the best cosine to the impostor references.
+        Both NaN without a face in the defaced renders or in two of the original's.
+    """
+    dev = e.device if e is not None else "cpu"
+    found = torch.as_tensor(np.asarray(found, bool), device=dev)
+    o_found = torch.as_tensor(np.asarray(orig_found, bool), device=dev)
+    if e is None or e_orig is None or not bool(found.any()) or int(o_found.sum()) < 2:
+        return float("nan"), float("nan")
+    ok = o_found[None, :] & ~torch.eye(len(found), dtype=torch.bool, device=dev)
+    own = (e @ e_orig.T).masked_fill(~ok, -1.0).max(1).values[found]
+    if e_imp is None or len(e_imp) == 0:
+        return float(own.mean()), DEFAULT_IMPOSTOR_SIMILARITY
+    return float(own.mean()), float((e[found] @ e_imp.T).max(1).values.mean())
+
+
+def stranger_target(seed: int, scan: "bytes | str" = b"", offset: float = STRANGER_OFFSET,
+                    sd: float = STRANGER_SD) -> "tuple[float, float]":
+    """The goal for the check's similarity gap (own minus impostor references'): a stranger's.
+
+    A stranger's similarity to a probe is not one number: across a gallery it
+    spreads by ``sd`` around ``offset`` below the impostor references'. A
+    defaced scan whose own similarity always sat at the strangers' mean
+    would rank mid-gallery every time, which is not chance either; so each
+    scan draws its own place in that spread (``z``, standard normal cut at
+    +-2, from ``seed`` and the scan: the same scan and seed give the same
+    draw, different scans different ones), and over a cohort the own ranks
+    spread like a stranger's.
+
+    Parameters
+    ----------
+    seed : int
+    scan : bytes or str
+        What tells the scan apart (:func:`adversarial_face` passes its voxels).
+    offset, sd : float
+        See :data:`STRANGER_OFFSET`, :data:`STRANGER_SD`.
+
+    Returns
+    -------
+    target : float
+        ``-offset + sd * z`` (cosine).
+    z : float
+    """
+    import hashlib
+
+    digest = hashlib.sha256(scan.encode() if isinstance(scan, str) else bytes(scan)).digest()
+    rng = np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
+    z = float(np.clip(rng.standard_normal(), -2.0, 2.0))
+    return -float(offset) + float(sd) * z, z
 
 
 def json_id(emb) -> str:
@@ -214,27 +330,35 @@ def _onet_logit(aligner, boxes: torch.Tensor):
 def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement_mm: float = 4.0,
                      model: "str | object" = "facenet", weights=None, random_weights: bool = False,
                      steps: int = 8, rounds: int = 3, impostors=DEFAULT_IMPOSTORS, impostor_views: int = 10,
-                     margin: float = 0.1, max_margin: float = 0.3,
+                     target_gap: "float | None" = None, stranger_offset: float = STRANGER_OFFSET,
+                     stranger_sd: float = STRANGER_SD, tolerance: float = 0.03,
                      views: int = 8, batch_views: int = 4, image_size: int = 192, lr: float = 0.3,
                      smooth_iters: int = 10, smooth_weight: float = 2.0, ramp_mm: float = 8.0,
                      detect_weight: float = 0.2, face_logit: float = 4.6, shell_mm: "float | None" = None,
                      seed: "int | None" = None, device="auto", backend: str = "auto",
                      check_views: int = 16, check_size: int = 512, min_detect: float = 0.95,
-                     check_prob: float = 0.99, max_backoffs: int = 3, similarity_cap: "float | None" = None,
+                     check_prob: float = 0.99, max_backoffs: int = 3,
                      target_faces: "int | None" = None, verify: bool = True, info: "dict | None" = None):
     """Move the face's skin by at most ``max_displacement_mm`` so that the face model takes it for someone else.
 
-    The objective, per render of a random view, is a margin between two
+    The objective, per render of a random view, is a gap between two
     cosine similarities of its embedding: to the best-matching render of the
     original head (other views of the pool: what a gallery holding the
     original scan offers the study's "max over the subject's renders" score)
     and to the best-matching render of an *impostor reference* (other faces:
     by default the two population-average heads on the index, rendered under
     random views; one that is the scan's own face, such as the average head
-    defaced itself, is left out). The own similarity is pushed below the
-    impostor's by ``margin`` (a hinge: renders already there are left alone):
-    pushing only the own similarity down moved the renders away from every
-    face alike, and the defaced scan still ranked first. A second hinge keeps
+    defaced itself, is left out). The goal for the gap (own minus impostor)
+    is a *stranger's*: the average heads resemble everyone a little, so a
+    stranger's similarity lies ``stranger_offset`` below theirs, spread by
+    ``stranger_sd``, and each scan draws its place in that spread
+    (:func:`stranger_target`). Pushing only the own similarity down moved
+    the renders away from every face alike, and the defaced scan still
+    ranked first; pushing it below the impostors' by a fixed margin left a
+    scan's rank wherever the average heads happened to resemble it (not
+    chance); overshooting ranks it last, which names it as well. So two
+    hinges hold the gap in a band: every render at most the goal, their
+    mean at least ``2 * tolerance`` below it. A third hinge keeps
     MTCNN's final stage (O-net) confident of a face in the box where it found
     one on the original render, and a smoothness penalty keeps the field
     smooth. Each round of ``steps`` Adam steps is followed by a check of the
@@ -244,9 +368,14 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     p >= ``check_prob`` (0.99) in fewer than ``min_detect`` of them (and in
     fewer than in the original's renders under the same views), the
     displacement is scaled back (x 0.7, at most ``max_backoffs`` times), the detection hinge's
-    weight doubles, and the next round optimises on at the smaller scale;
-    if the own similarity is not yet ``margin / 2`` below the impostor's,
-    the next round pushes with a larger margin (at most ``max_margin``).
+    weight doubles, and the next round optimises on at the smaller scale.
+    The check measures the gap as a study would: each check render's best
+    cosine to the original head's renders under the same check views (the
+    other views': leave-one-out) minus its best cosine to the impostor
+    references' renders at the check's size. While that gap is more than
+    ``tolerance`` from the target, the next round (``rounds`` at most) moves
+    the optimisation's goal by the difference: the pool's renders (192 px)
+    and the check's (512 px, of the written-back volume) do not score alike.
 
     Parameters
     ----------
@@ -271,16 +400,16 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         :data:`DEFAULT_IMPOSTOR_SIMILARITY`.
     impostor_views : int
         Renders per impostor reference (seed + 3; computed once per process).
-    margin : float
-        How far below the impostor similarity the own similarity is pushed
-        (cosine). 0.1: the two average heads match a render better than a
-        typical other person does (they resemble everyone a little), so a
-        render only as close to its own original as to them still ranked
-        its own scan in the top fifth of a 43-person gallery (0.05, median
-        rank 10 of 43 on the synthetic cohort, docs/deidentification.md).
-    max_margin : float
-        The margin grows after a round whose written-back volume kept too
-        little of the edit; it never exceeds this.
+    target_gap : float, optional
+        A fixed goal for the check's gap (cosine, own minus impostor) instead of
+        the drawn stranger's (:func:`stranger_target`).
+    stranger_offset, stranger_sd : float
+        How far below the impostor references' similarity a stranger's lies, and
+        its spread (defaults :data:`STRANGER_OFFSET`, :data:`STRANGER_SD`: FaceNet,
+        measured on held-out synthetic originals; another model needs its own,
+        ``benchmarks/calibrate_stranger.py``).
+    tolerance : float
+        The check accepts a gap within this of the target (cosine).
     views, batch_views, image_size
         Pool of random views (the render protocol's ranges, seed + 1; views
         where MTCNN finds no face on the original are dropped), views per
@@ -315,9 +444,6 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         not see (docs/deidentification.md).
     max_backoffs : int
         Scale-backs at most (each also doubles ``detect_weight`` for the rounds after it).
-    similarity_cap : float, optional
-        Also push the own similarity below this cosine (an absolute goal beside the
-        impostor-relative one; off by default; experimental, docs/deidentification.md).
     target_faces : int, optional
         Decimate the skin mesh that is optimised to about this many triangles.
     verify : bool
@@ -327,8 +453,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     """
     from .._device import resolve_device
     from ..recognition import ARCFACE_CROP, FaceAligner, get_model
-    from ..render import (RenderProtocol, front_faces, rasterize, render_views, sample_view_params,
-                          scene_from_params, shade)
+    from ..render import RenderProtocol, front_faces, rasterize, sample_view_params, scene_from_params, shade
     from ..render.protocol import _light_world
     from ..render.rasterize import resolve_backend
     from ..surface import extract_head_surface
@@ -353,7 +478,11 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         if isinstance(model, str) else model
     embed = _embed_fn(emb)
     model_name = getattr(emb, "name", str(model))
-    margin = float(margin)
+    if target_gap is None:
+        target, z = stranger_target(seed, np.ascontiguousarray(volume.data).tobytes(), stranger_offset, stranger_sd)
+    else:
+        target, z = float(target_gap), None
+    tol = float(tolerance)
 
     timing = {}
     surf = extract_head_surface(volume, device=dev, target_faces=target_faces)
@@ -431,22 +560,17 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             continue
         same = float((e_orig @ e_imp.to(e_orig.device).T).max(1).values.mean())
         name = key if isinstance(key, str) else getattr(key, "name", "volume")
-        (dropped if same >= SAME_FACE_SIMILARITY else refs).append((name, e_imp.to(e_orig.device), round(same, 4)))
+        (dropped if same >= SAME_FACE_SIMILARITY else refs).append((name, e_imp.to(e_orig.device), round(same, 4),
+                                                                    key))
     e_imp = torch.cat([r[1] for r in refs]) if refs else None
     imp_start = max((r[2] for r in refs), default=float("nan"))
 
     def impostor_match(e, soft=True):
-        """(B,) each render's (soft) best cosine to the impostor references (a constant without any).
-
-        With ``similarity_cap``, at most ``similarity_cap + margin``: the own similarity's goal is
-        then also below the cap, however closely the impostor references resemble the face.
-        """
+        """(B,) each render's (soft) best cosine to the impostor references (a constant without any)."""
         if e_imp is None:
-            m = torch.full((len(e),), DEFAULT_IMPOSTOR_SIMILARITY, device=e.device)
-        else:
-            s = e.float() @ e_imp.T
-            m = torch.logsumexp(20.0 * s, dim=1) / 20.0 if soft else s.max(1).values
-        return m if similarity_cap is None else m.clamp_max(float(similarity_cap) + margin)
+            return torch.full((len(e),), DEFAULT_IMPOSTOR_SIMILARITY, device=e.device)
+        s = e.float() @ e_imp.T
+        return torch.logsumexp(20.0 * s, dim=1) / 20.0 if soft else s.max(1).values
     timing["setup_detect"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("setup_detect")
 
@@ -468,23 +592,26 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         return torch.zeros(len(verts0), device=dev, dtype=d_act.dtype).index_put((act,), d_act)
 
     def check_renders(surface):
-        """The check's renders of a surface (``check_views`` new views, seed + 2), aligned by MTCNN."""
-        prot = RenderProtocol(views=int(check_views), image_size=int(check_size), seed=seed + 2)
-        with torch.no_grad():
-            imgs = render_views({"adversarial": surface}, prot, backend=backend, device=dev).images
-        al = FaceAligner(device=dev, crops=aligner.crops).align(imgs.cpu())
-        prob = np.nan_to_num(np.asarray(al.prob, float))
-        return al, int((prob >= float(check_prob)).sum()), prob
+        """The check's renders of a surface (``check_views`` new views, seed + 2): prob, found, embeddings."""
+        return render_embed(surface, emb, embed, views=check_views, size=check_size, seed=seed + 2,
+                            backend=backend, device=dev, crops=aligner.crops)[:3]
 
-    original_share = []  # the original head's check share, rendered once and only when a check falls short
+    reference = {}  # the original head's check renders and the impostors' at the check's size, made once
+
+    def check_reference():
+        if not reference:
+            c = time.process_time()
+            prob, found, e = check_renders(surf)  # the same extraction (and decimation) as the checks of the edit
+            reference.update(prob=prob, found=found, e=e, share=float((prob >= float(check_prob)).mean()),
+                             cpu_s=round(time.process_time() - c, 2))
+            reference["impostors"] = torch.cat([
+                _impostor_embeddings(r[3], emb, embed, views=impostor_views, size=check_size, seed=seed + 3,
+                                     backend=backend, device=dev).to(dev) for r in refs]) if refs else None
+        return reference
 
     def detect_floor() -> float:
         """The share of check renders that must hold a face: ``min_detect``, or the original's own share."""
-        if not original_share:
-            c = time.process_time()
-            al, n, _ = check_renders(surf)  # the same extraction (and decimation) as the checks of the edit
-            original_share.append((n / max(len(al), 1), round(time.process_time() - c, 2)))
-        return min(float(min_detect), original_share[0][0])
+        return min(float(min_detect), check_reference()["share"])
 
     def check(disp):
         """Write back, re-extract, render new views, detect and embed: (volume, surface, facts)."""
@@ -495,15 +622,10 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
                                    target_faces=target_faces)
         facts = {}
         if check_views > 0:
-            al, n_face, prob = check_renders(new)
-            hit = np.asarray(al.found, bool)
-            with torch.no_grad():
-                sim = imp = float("nan")
-                if hit.any():
-                    c = al.crop_for(emb.crop)[torch.as_tensor(hit)]
-                    e = torch.nn.functional.normalize(embed(c.to(dev)).float(), dim=1)
-                    sim = float((e @ e_orig.T).max(1).values.mean())
-                    imp = float(impostor_match(e, False).mean())
+            prob, hit, e = check_renders(new)
+            n_face = int((prob >= float(check_prob)).sum())
+            ref = check_reference()
+            sim, imp = check_similarities(e, hit, ref["e"], ref["found"], ref["impostors"])
             facts = {"views": int(check_views), "size": int(check_size),
                      "mtcnn_p95": f"{int((prob >= 0.95).sum())}/{len(hit)}",
                      f"mtcnn_p{round(100 * float(check_prob))}": f"{n_face}/{len(hit)}",
@@ -517,6 +639,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     history, checks = [], []
     out = new_surface = None
     detect_w, backoff = float(detect_weight), 0
+    goal = target  # the optimisation's goal for the pool's gap; the checks move it towards the check's target
     for rnd in range(max(1, int(rounds))):
         for step in range(int(steps)):
             pick = torch.randperm(n_pool, generator=gen)[:int(batch_views)]
@@ -524,8 +647,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             verts = v0 + full(d)[:, None] * n0
             img = render(verts, pool[pick.to(dev)])
             e = torch.nn.functional.normalize(embed(crop(img, pick)).float(), dim=1)
-            gap = best_match(e, pick) - impostor_match(e)  # own minus impostor: below -margin is the goal
-            loss = torch.relu(gap + margin).mean()
+            gap = best_match(e, pick) - impostor_match(e)  # own minus impostor, per render
+            # a band: every render at most the goal, and their mean not past it by more than 2 tolerances
+            loss = torch.relu(gap - goal).mean() + torch.relu(goal - 2.0 * tol - gap.mean())
             if onet is not None:
                 loss = loss + detect_w * torch.relu(face_logit - onet(img, pick)).mean()
             lap = d - torch.sparse.mm(smooth, d[:, None])[:, 0]
@@ -534,12 +658,13 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             loss.backward()
             opt.step()
             history.append(round(float((hard_match(e.detach(), pick) - impostor_match(e.detach(), False)).mean()), 4))
-            if float(gap.detach().max()) < -margin:
+            g = gap.detach()
+            if float(g.max()) < goal and float(g.mean()) > goal - 2.0 * tol:
                 break
         with torch.no_grad():
             disp = full(displacement(p)).cpu().numpy().astype(np.float64)
         out, new_surface, facts = check(disp)
-        facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
+        facts.update(round=rnd, steps=len(history), scale=round(scale, 3), goal=round(goal, 4))
         checks.append(facts)
         # the face must stay a face (where MTCNN found one on the original: not on a phantom)
         while facts and alignment_source == "mtcnn" and facts["face_share"] < min_detect \
@@ -550,12 +675,13 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
             with torch.no_grad():
                 disp = full(displacement(p)).cpu().numpy().astype(np.float64)
             out, new_surface, facts = check(disp)
-            facts.update(round=rnd, steps=len(history), scale=round(scale, 3), margin=round(margin, 4))
+            facts.update(round=rnd, steps=len(history), scale=round(scale, 3), goal=round(goal, 4))
             checks.append(facts)
-        if not facts or not facts["gap"] > -margin / 2:  # NaN (no face, or a phantom): stop too
+        err = facts.get("gap", float("nan")) - target
+        if not np.isfinite(err) or abs(err) <= tol:  # NaN: no face on the check renders, or a phantom
             break
-        # the written-back volume keeps part of the edit (or a scale-back undid part of it): push further
-        margin = min(float(max_margin), margin + facts["gap"] + margin)
+        # the written-back volume is off the target (kept too little of the edit, or overshot): move the goal
+        goal = float(np.clip(goal - err, -1.0, 0.5))
     timing["optimise_check"] = time.perf_counter() - t0 - sum(timing.values())
     lap_cpu("optimise_check")
 
@@ -576,6 +702,9 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         "impostors": [{"name": r[0], "similarity_to_original": r[2]} for r in refs],
         "impostors_left_out_same_face": [{"name": r[0], "similarity_to_original": r[2]} for r in dropped],
         "impostor_similarity_start": round(imp_start, 4),
+        "target_gap": round(target, 4),
+        "stranger_z": None if z is None else round(z, 4),
+        "target_met": bool(checks and abs(checks[-1].get("gap", float("nan")) - target) <= tol),
         "steps": len(history),
         "rounds": len({c.get("round") for c in checks}) if checks else 0,
         "similarity_to_identity_start": round(sim_start, 4),
@@ -583,8 +712,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         "similarity_history": history,
         "mtcnn_found_original": f"{int(al0.found.sum())}/{len(al0)}",
         "scale_backs": backoff,
-        "original_check_face_share": round(original_share[0][0], 4) if original_share else None,
-        "original_check_cpu_s": original_share[0][1] if original_share else None,
+        "original_check_face_share": round(reference["share"], 4) if reference else None,
+        "original_check_cpu_s": reference.get("cpu_s"),
         "check": checks[-1] if checks else {},
         "checks": checks,
     }
