@@ -45,11 +45,12 @@ from benchmarks._common import machine_info, write_json
 def participant_scores(per_probe, model: str) -> "dict[str, dict[str, float]]":
     """participant -> gallery subject -> score (mean over the probe's renders with a face of the best cosine).
 
-    ``per_probe``: the study's ``probes.csv`` rows (one per probe render and gallery subject).
+    ``per_probe``: the study's ``probes.csv`` rows (one per probe render and gallery subject; a
+    one-model study's rows have no ``model`` column).
     """
     sims = collections.defaultdict(lambda: collections.defaultdict(list))
     for row in per_probe:
-        if row["model"] == model and str(row["face_found"]) == "True":
+        if row.get("model", model) == model and str(row["face_found"]) == "True":
             sims[row["participant"]][row["subject"]].append(float(row["similarity"]))
     return {p: {s: float(np.mean(v)) for s, v in subj.items()} for p, subj in sims.items()}
 

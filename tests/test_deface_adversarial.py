@@ -169,3 +169,5 @@ def test_stranger_calibration_reads_the_offset_and_spread_off_a_study():
     # own - strangers: a 0.45 - 0.4 = 0.05, b 0.35 - 0.3 = 0.05; gap - that: -0.15 and -0.10 -> offset 0.125
     assert out["participants"] == 2 and out["offset"] == pytest.approx(0.125)
     assert out["sd"] == pytest.approx(np.mean([np.std([0.4, 0.3, 0.5]), np.std([0.2, 0.3, 0.4])]), abs=1e-4)
+    one_model = [{k: v for k, v in r.items() if k != "model"} for r in rows if r["model"] == "facenet"]
+    assert participant_scores(one_model, "facenet") == scores  # a one-model study writes no model column
