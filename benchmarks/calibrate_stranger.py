@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import json
 import time
 from pathlib import Path
@@ -77,12 +78,11 @@ def main(argv=None) -> dict:
     ap.add_argument("gallery", help="CSV with subject,scan of the original scans (the study's gallery)")
     ap.add_argument("--subjects", required=True, help="comma-separated subjects to deface (not the evaluation's)")
     ap.add_argument("--model", default="facenet")
-    ap.add_argument("--offset", type=float, default=None, help="the offset the defacing aims with (default: the method's)")
+    ap.add_argument("--offset", type=float, default=None,
+                    help="the offset the defacing aims with (default: the method's)")
     ap.add_argument("--out", default="benchmarks/out/stranger", help="folder for the study and its cache")
     ap.add_argument("--json", default="benchmarks/out/stranger.json")
     a = ap.parse_args(argv)
-
-    import csv
 
     from mriface.deface import prepare, run_method
     from mriface.deface.evaluate import _defaced_probes

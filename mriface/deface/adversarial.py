@@ -8,8 +8,9 @@ original head's renders than a stranger's face would be: rank-aware, as the
 study ranks by best match. "A stranger" is measured against impostor
 references (by default the two average heads on the index), and each scan
 draws its own place among the strangers (:func:`stranger_target`), so that
-over a cohort the defaced scans' own ranks spread as chance's. The objective is the expectation over the render protocol's random
-views, lights and skin tones (a pool of views drawn with
+over a cohort the defaced scans' own ranks spread as chance's. The
+objective is the expectation over the render protocol's random views,
+lights and skin tones (a pool of views drawn with
 :func:`mriface.render.sample_view_params`, a random batch per step), with a
 hinge on MTCNN's O-net face logit so that the face stays detectable, and
 each round ends with a check of the written-back volume (re-extracted,
@@ -172,9 +173,8 @@ def render_embed(surface, emb, embed, *, views: int, size: int, seed: int, backe
     prob : np.ndarray, (V,)
         MTCNN's face probability per render (0 where it found none).
     found : np.ndarray of bool, (V,)
-    e : torch.Tensor, (V, D)
-        Unit embeddings of the renders with a face (zero rows elsewhere), on ``device``.
-    aligned : FaceAlignment
+    e : torch.Tensor, (V, D) or None
+        Unit embeddings of the renders with a face (zero rows elsewhere), on ``device``; None without any.
     """
     from ..recognition import FaceAligner
     from ..render import RenderProtocol, render_views
@@ -192,7 +192,7 @@ def render_embed(surface, emb, embed, *, views: int, size: int, seed: int, backe
                 embed(al.crop_for(emb.crop)[torch.as_tensor(found)].to(device)).float(), dim=1)
         e = torch.zeros((len(found), got.shape[1]), device=got.device)
         e[torch.as_tensor(found, device=got.device)] = got
-    return prob, found, e, al
+    return prob, found, e
 
 
 def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, backend: str, device) -> torch.Tensor:
@@ -211,7 +211,7 @@ def _impostor_embeddings(key, emb, embed, *, views: int, size: int, seed: int, b
         return _IMPOSTOR_CACHE[ident]
     vol = load_volume(datasets.fetch(key)) if isinstance(key, str) else key
     surf = extract_head_surface(vol, device=device)
-    _, found, e, _ = render_embed(surf, emb, embed, views=views, size=size, seed=seed, backend=backend, device=device)
+    _, found, e = render_embed(surf, emb, embed, views=views, size=size, seed=seed, backend=backend, device=device)
     e = e[torch.as_tensor(found, device=e.device)] if e is not None else torch.zeros((0, 1))
     if ident is not None:
         if len(_IMPOSTOR_CACHE) > 16:
@@ -271,8 +271,9 @@ def stranger_target(seed: int, scan: "bytes | str" = b"", offset: float = STRANG
     Parameters
     ----------
     seed : int
-    scan : bytes or str
-        What tells the scan apart (:func:`adversarial_face` passes its voxels).
+    scan : bytes-like or str
+        What tells the scan apart (:func:`adversarial_face` passes its voxels, a C-contiguous array:
+        hashed in place, not copied).
     offset, sd : float
         See :data:`STRANGER_OFFSET`, :data:`STRANGER_SD`.
 
@@ -284,7 +285,7 @@ def stranger_target(seed: int, scan: "bytes | str" = b"", offset: float = STRANG
     """
     import hashlib
 
-    digest = hashlib.sha256(scan.encode() if isinstance(scan, str) else bytes(scan)).digest()
+    digest = hashlib.sha256(scan.encode() if isinstance(scan, str) else memoryview(scan)).digest()
     rng = np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
     z = float(np.clip(rng.standard_normal(), -2.0, 2.0))
     return -float(offset) + float(sd) * z, z
@@ -406,8 +407,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     stranger_offset, stranger_sd : float
         How far below the impostor references' similarity a stranger's lies, and
         its spread (defaults :data:`STRANGER_OFFSET`, :data:`STRANGER_SD`: FaceNet,
-        measured on held-out synthetic originals; another model needs its own,
-        ``benchmarks/calibrate_stranger.py``).
+        measured on held-out synthetic participants defaced with this method; another
+        model needs its own, ``benchmarks/calibrate_stranger.py``).
     tolerance : float
         The check accepts a gap within this of the target (cosine).
     views, batch_views, image_size
@@ -435,9 +436,8 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
         The check of the written-back volume (0 views: no check). The
         displacement is scaled back (x 0.7) while MTCNN finds a face with
         p >= ``check_prob`` in fewer than ``min_detect`` of its renders, and
-        fewer than in the same views of the original head (rendered only
-        when needed: a head that is itself missed in some views is not held
-        to more). 0.99 rather than the 0.95 a study counts: the 16 check
+        fewer than in the same views of the original head (a head that is
+        itself missed in some views is not held to more). 0.99 rather than the 0.95 a study counts: the 16 check
         views are a sample, and a defaced head whose check renders all had
         p >= 0.95 (some only 0.975) still lost 3 of 10 other views at 0.95;
         the renders the check passes at 0.99 keep a margin for views it does
@@ -479,7 +479,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     embed = _embed_fn(emb)
     model_name = getattr(emb, "name", str(model))
     if target_gap is None:
-        target, z = stranger_target(seed, np.ascontiguousarray(volume.data).tobytes(), stranger_offset, stranger_sd)
+        target, z = stranger_target(seed, np.ascontiguousarray(volume.data), stranger_offset, stranger_sd)
     else:
         target, z = float(target_gap), None
     tol = float(tolerance)
@@ -594,7 +594,7 @@ def adversarial_face(volume: Volume, context: DefaceContext, *, max_displacement
     def check_renders(surface):
         """The check's renders of a surface (``check_views`` new views, seed + 2): prob, found, embeddings."""
         return render_embed(surface, emb, embed, views=check_views, size=check_size, seed=seed + 2,
-                            backend=backend, device=dev, crops=aligner.crops)[:3]
+                            backend=backend, device=dev, crops=aligner.crops)
 
     reference = {}  # the original head's check renders and the impostors' at the check's size, made once
 
